@@ -1,0 +1,159 @@
+"""The one settings class. Environment variables use the prefix ``NACGUARD_``; CLI flags use the
+same names (``--max-batch-size`` sets ``max_batch_size``). Validated once at start-up, never at
+import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEMO_PROFILE", "Settings"]
+
+#: The bundled demo profile (Fashion-MNIST). Found beside the source tree; Docker images copy it
+#: to /opt/nacguard/profiles and point NACGUARD_PROFILE at it.
+DEMO_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "fashion-mnist"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field says what raising or lowering it trades."""
+
+    model_config = SettingsConfigDict(env_prefix="NACGUARD_", extra="forbid")
+
+    # --- model and device -------------------------------------------------------------------
+    profile: Path = Field(DEMO_PROFILE, description="Profile bundle directory to serve.")
+    device: str = Field(
+        "cpu",
+        description="Torch device(s): 'cpu', 'cuda', 'cuda:1', or a comma list "
+        "('cuda:0,cuda:1') for one runner per device.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Autocast dtype for the model's forward. NAC states are always computed in "
+        "fp32; bf16/fp16 speed up GPUs at a small, measured cost in score fidelity.",
+    )
+    channels_last: bool = Field(False, description="channels_last memory format (GPU conv nets).")
+    compile: bool = Field(False, description="torch.compile the model; falls back to eager.")
+    batch_buckets: list[int] = Field(
+        default_factory=list,
+        description="Pad batches up to these sizes (warmed up before ready) so compiled graphs "
+        "and cuDNN plans are reused. Empty: run batches at their natural size.",
+    )
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default.")
+    scoring: bool = Field(
+        True, description="Compute NAC scores. Off = plain classification (for comparisons)."
+    )
+
+    # --- batching -----------------------------------------------------------------------------
+    max_batch_size: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Largest batch the runner computes. Larger batches raise throughput on "
+        "big devices and raise the latency of the last image in a batch.",
+    )
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=10_000,
+        description="How long the oldest queued image may wait for batch-mates while the runner "
+        "is idle. Longer waits fill batches under light load at the price of latency.",
+    )
+    max_queue_images: int = Field(
+        1024,
+        ge=1,
+        description="Images queued for compute before new requests are shed with 429. Bounds "
+        "memory and the worst-case queueing delay (about max_queue_images / throughput).",
+    )
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Per-request deadline. Images still queued past it are dropped (504) before "
+        "they cost compute.",
+    )
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with 429/503.")
+    drain_timeout_s: float = Field(
+        25.0,
+        gt=0,
+        description="On SIGTERM, how long to wait for accepted work before exiting anyway.",
+    )
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = Field(True, description="Structured JSON logs (one object per line).")
+    top_k: int = Field(3, ge=0, description="Default number of top classes per prediction.")
+
+    # --- input limits -------------------------------------------------------------------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=64, description="Largest encoded image.")
+    max_image_pixels: int = Field(
+        25_000_000, ge=1, description="Largest decoded width*height; refused before decoding."
+    )
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"],
+        description="Pillow format names accepted on upload.",
+    )
+
+    # --- security -----------------------------------------------------------------------------
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted API keys (X-API-Key or Bearer). Empty = off."
+    )
+    api_keys_file: Path | None = Field(None, description="File with one API key per line.")
+    auth_exempt_paths: list[str] = Field(
+        default_factory=lambda: ["/healthz", "/readyz", "/metrics"],
+        description="Paths reachable without a key when authentication is on.",
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="CORS origins; empty = off.")
+
+    # --- shared state (Redis) -----------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db. Unset: in-process cache and drift window."
+    )
+    redis_timeout_s: float = Field(
+        0.05, gt=0, description="Per-call Redis timeout; a slow Redis degrades, never stalls."
+    )
+    cache_enabled: bool = Field(True, description="Cache results by image hash + profile.")
+    cache_ttl_s: int = Field(3600, ge=1)
+    cache_max_entries: int = Field(10_000, ge=0, description="In-process cache size (no Redis).")
+    review_stream: str = Field("nacguard:ood", description="Redis Stream of flagged images.")
+    review_maxlen: int = Field(10_000, ge=1, description="Approximate bound of the stream.")
+    review_max_image_bytes: int = Field(
+        256 * 1024, ge=0, description="Flagged images up to this size keep their bytes."
+    )
+    review_dir: Path | None = Field(
+        None, description="Without Redis: a local folder for flagged images (bounded). Unset: off."
+    )
+
+    # --- drift ---------------------------------------------------------------------------------
+    drift_window_s: float = Field(300.0, gt=0, description="Sliding window of recent scores.")
+    drift_min_samples: int = Field(200, ge=1, description="Fewer samples: drift not reported.")
+    drift_psi_threshold: float = Field(0.25, gt=0)
+    drift_ks_threshold: float = Field(0.2, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        for dev in value.split(","):
+            dev = dev.strip()
+            head = dev.split(":")[0]
+            if head not in {"cpu", "cuda", "mps"}:
+                raise ValueError(f"unknown device {dev!r}: use cpu, cuda, cuda:N or a comma list")
+        return value
+
+    @model_validator(mode="after")
+    def _check_buckets(self) -> Settings:
+        if self.batch_buckets:
+            self.batch_buckets = sorted(set(self.batch_buckets))
+            if self.batch_buckets[-1] < self.max_batch_size:
+                self.batch_buckets.append(self.max_batch_size)
+        return self
+
+    @property
+    def devices(self) -> list[str]:
+        """The device list, one runner each."""
+        return [d.strip() for d in self.device.split(",") if d.strip()]
