@@ -1,0 +1,215 @@
+"""Activation states of monitored layers: ``sigmoid(beta * sum_hw(z) * sum_hw(dL/dz))``.
+
+L is the cross-entropy of the softmax against the uniform distribution (the gradient of
+KL(u || p)). Two exact fast paths replace the reference's one-backward-per-layer:
+
+* **Analytic head.** When every monitored output is the input of the final ``nn.Linear`` (the
+  pooled penultimate layer), ``dL/dlogits = p - 1/C`` and ``g = (p - 1/C) @ W``: one forward pass
+  under ``inference_mode``, no backward at all.
+* **One activation-only gradient call.** Otherwise the earliest monitored output is detached
+  and made the only leaf that requires grad (parameters never do), so the graph covers only the
+  network above it, and a single ``torch.autograd.grad`` call returns every layer's gradient.
+
+Each sample's loss depends on that sample alone (eval mode), so ``sum_b L_b`` gives per-sample
+gradients and results do not depend on batch composition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["ForwardStates", "StateExtractor", "pool_states", "resolve_modules", "uniform_loss"]
+
+_Hook = Callable[[nn.Module, object, torch.Tensor], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class ForwardStates:
+    """Result of one forward pass: logits and each monitored layer's states [B, N] (fp32)."""
+
+    logits: torch.Tensor
+    states: dict[str, torch.Tensor]
+
+
+def resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Look up modules by name, failing with the list of valid names.
+
+    Raises:
+        ValueError: a name that is not a module of ``model``.
+    """
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules or n == ""]
+    if unknown:
+        valid = ", ".join(n for n in modules if n)
+        raise ValueError(f"unknown layer(s) {unknown}; valid layer names: {valid}")
+    return {n: modules[n] for n in names}
+
+
+def uniform_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``-(1/C) * sum_c log softmax(logits)_c`` in fp32, shape [B]."""
+    return -torch.log_softmax(logits.float(), dim=1).mean(dim=1)
+
+
+def _sum_spatial(t: torch.Tensor) -> torch.Tensor:
+    """Sum-pool to [B, N]: over H, W for [B, N, H, W]; over tokens for [B, T, D] (ViT)."""
+    if t.dim() == 4:
+        return t.sum(dim=(2, 3))
+    if t.dim() == 3:
+        return t.sum(dim=1)
+    if t.dim() == 2:
+        return t
+    raise ValueError(f"cannot pool a monitored output of shape {tuple(t.shape)}")
+
+
+def pool_states(z: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
+    """``sigmoid(beta * sum_hw(z) * sum_hw(g))`` in fp32, [B, N]."""
+    s = _sum_spatial(z.float()) * _sum_spatial(g.float())
+    return torch.sigmoid(beta * s)
+
+
+class StateExtractor:
+    """Computes logits and NAC states for named layers of a classifier.
+
+    The model must be in eval mode (so samples do not interact); the extractor freezes its
+    parameters (``requires_grad=False``), since only activation gradients are needed.
+
+    Args:
+        model: any ``nn.Module`` whose forward returns logits [B, C].
+        betas: monitored layer name -> beta.
+        autocast_dtype: run the model's forward under autocast with this dtype (None = off).
+            States are always computed in fp32.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        betas: dict[str, float],
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not betas:
+            raise ValueError("monitor at least one layer")
+        self.model = model
+        self.betas = dict(betas)
+        self.autocast_dtype = autocast_dtype
+        self._modules = resolve_modules(model, list(betas))
+        model.requires_grad_(False)
+        self._head = self._find_head(model)
+        # None: not yet known whether every monitored output feeds the head; decided on the
+        # first call by comparing storage, then fixed.
+        self._analytic: bool | None = None if self._head is not None else False
+
+    @staticmethod
+    def _find_head(model: nn.Module) -> nn.Linear | None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        return linears[-1] if linears else None
+
+    @property
+    def analytic(self) -> bool | None:
+        """Whether the analytic-head path is used (None until the first call)."""
+        return self._analytic
+
+    def __call__(self, x: torch.Tensor) -> ForwardStates:
+        """Compute logits and states for a batch ``x`` (already on the model's device)."""
+        if self._analytic is None:
+            result, analytic = self._try_analytic(x)
+            self._analytic = analytic
+            if result is not None:
+                return result
+        elif self._analytic:
+            result, _ = self._try_analytic(x)
+            if result is not None:
+                return result
+        return self._autograd(x)
+
+    @contextlib.contextmanager
+    def _autocast(self, x: torch.Tensor) -> Iterator[None]:
+        if self.autocast_dtype is None:
+            yield
+        else:
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+                yield
+
+    @contextlib.contextmanager
+    def _hooks(self, make_hook: Callable[[str], _Hook]) -> Iterator[None]:
+        handles = [m.register_forward_hook(make_hook(n)) for n, m in self._modules.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _try_analytic(self, x: torch.Tensor) -> tuple[ForwardStates | None, bool]:
+        """Forward under inference_mode; use g = (p - 1/C) W if all outputs feed the head."""
+        assert self._head is not None
+        outputs: dict[str, torch.Tensor] = {}
+        head_in: list[torch.Tensor] = []
+
+        def capture(name: str) -> _Hook:
+            def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+                outputs[name] = out
+
+            return hook
+
+        def capture_head(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            head_in.append(args[0])
+
+        pre = self._head.register_forward_pre_hook(capture_head)
+        try:
+            with torch.inference_mode(), self._hooks(capture), self._autocast(x):
+                logits = self.model(x)
+        finally:
+            pre.remove()
+        feeds_head = len(head_in) == 1 and all(
+            z.data_ptr() == head_in[0].data_ptr() and z.numel() == head_in[0].numel()
+            for z in outputs.values()
+        )
+        if not feeds_head:
+            return None, False
+        # dL/dlogits (= p - 1/C) by autograd on the [B, C] logits alone: a negligible graph,
+        # and the very floats the full backward would give (the product below cancels strongly,
+        # so a differently rounded closed form would move states by ~1e-6).
+        with torch.enable_grad():
+            leaf = logits.detach().float().clone().requires_grad_(True)
+            (dlogits,) = torch.autograd.grad(uniform_loss(leaf).sum(), leaf)
+        with torch.inference_mode():
+            g = dlogits.mm(self._head.weight.float())
+            states = {
+                name: torch.sigmoid(self.betas[name] * z.float().reshape(g.shape) * g)
+                for name, z in outputs.items()
+            }
+        return ForwardStates(logits=logits, states=states), True
+
+    def _autograd(self, x: torch.Tensor) -> ForwardStates:
+        """One forward with a graph starting at the earliest monitored output, one grad call."""
+        outputs: dict[str, torch.Tensor] = {}
+
+        def capture(name: str) -> _Hook:
+            def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
+                # The first monitored output reached has no graph (frozen parameters): it
+                # becomes the leaf. Later ones already depend on it. The clone shields the
+                # captured value from in-place ops further up (e.g. ReLU(inplace=True)).
+                z = out if out.requires_grad else out.detach().requires_grad_(True)
+                outputs[name] = z
+                return z.clone()
+
+            return hook
+
+        with torch.enable_grad(), self._hooks(capture), self._autocast(x):
+            logits = self.model(x)
+            names = list(outputs)
+            loss = uniform_loss(logits).sum()
+            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+        states = {}
+        with torch.no_grad():
+            for name, g in zip(names, grads, strict=True):
+                z = outputs[name].detach()
+                states[name] = pool_states(
+                    z, torch.zeros_like(z) if g is None else g, self.betas[name]
+                )
+        return ForwardStates(logits=logits.detach(), states=states)
