@@ -54,7 +54,7 @@ def test_counts_and_scores_match_literal(seed: int) -> None:
     betas = spread_betas(net, fit_x, LAYERS)
     configs = [
         LayerConfig(n, betas[n], saturation=3.0, n_edges=m)
-        for n, m in zip(LAYERS, [10, 20, 50, 10])
+        for n, m in zip(LAYERS, [10, 20, 50, 10], strict=True)
     ]
 
     profile = ProfileBuilder(net, configs).fit(fit_x.split(16))
