@@ -1,0 +1,259 @@
+"""``nacguard`` command line: serve, build/evaluate/inspect profiles, score files offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from nacguard.errors import NacguardError
+from nacguard.settings import Settings
+
+__all__ = ["main"]
+
+log = logging.getLogger("nacguard")
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per Settings field, same names as the NACGUARD_* variables."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=f"set_{name}", default=None, help=field.description)
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    given: dict[str, Any] = {}
+    for name, field in Settings.model_fields.items():
+        value = getattr(args, f"set_{name}", None)
+        if value is None:
+            continue
+        if "list" in str(field.annotation):
+            value = (
+                json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            )
+        given[name] = value
+    return Settings(**given)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from nacguard.api.server import serve
+
+    return serve(_settings_from(args))
+
+
+def _load_model_for_build(
+    args: argparse.Namespace,
+) -> tuple[Any, dict[str, Any], Any, list[str], list[Any]]:
+    """Model, its reference, preprocessing, classes and default layers for ``profile build``."""
+    from nacguard.models.bundle import load_bundle
+    from nacguard.models.loading import build_model, load_state_dict, parse_model_spec
+    from nacguard.models.preprocess import PRESETS, PreprocessSpec
+
+    candidate = Path(args.model)
+    if (candidate / "bundle.json").is_file():
+        bundle = load_bundle(candidate)
+        ref = {k: v for k, v in bundle.meta["model"].items() if k not in {"weights", "sha256"}}
+        return bundle.model, ref, bundle.preprocess, bundle.classes, bundle.profile.configs
+    ref = parse_model_spec(args.model, args.num_classes)
+    model = build_model(ref)
+    if args.weights:
+        model.load_state_dict(load_state_dict(Path(args.weights)), strict=True)
+    elif ref["kind"] != "demo":
+        log.warning("no --weights given: profiling randomly initialised weights")
+    preset = args.preprocess or ("fashion-mnist" if ref["kind"] == "demo" else "imagenet")
+    spec = PRESETS.get(preset) or PreprocessSpec.from_dict(json.loads(preset))
+    return model, ref, spec, [], []
+
+
+def _cmd_profile_build(args: argparse.Namespace) -> int:
+    from nacguard.datasets import load_source
+    from nacguard.models.build import BuildPlan, build_bundle
+    from nacguard.nac import LayerConfig
+    from nacguard.nac.states import resolve_modules
+
+    model, ref, preprocess, classes, layers = _load_model_for_build(args)
+    default = LayerConfig("default", args.beta, args.saturation, args.n_edges)
+    if args.layers:
+        layers = [LayerConfig.parse(text, default) for text in args.layers]
+    if not layers:
+        raise ValueError("give --layers NAME[:O:M:BETA] ...")
+    resolve_modules(model, [c.name for c in layers])  # fails early, listing valid names
+    source = load_source(args.data, seed=args.seed)
+    classes = list(args.classes.split(",")) if args.classes else classes or source.classes or []
+    if not classes:
+        raise ValueError("the data has no class names: give --classes a,b,c")
+    plan = BuildPlan(
+        name=args.name or Path(args.out).name,
+        model_ref=ref,
+        preprocess=preprocess,
+        classes=classes,
+        layers=layers,
+        samples=args.samples,
+        calibration_samples=args.calibration_samples,
+        tpr=args.tpr,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    out = build_bundle(plan, model, source, Path(args.out), device=args.device)
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_profile_eval(args: argparse.Namespace) -> int:
+    from nacguard.datasets import load_source
+    from nacguard.models.bundle import load_bundle
+    from nacguard.models.evaluate import evaluate, write_report
+
+    bundle = load_bundle(args.profile, args.device)
+    ind = load_source(args.ind, limit=args.limit, seed=args.seed)
+    oods = {}
+    for item in args.ood:
+        name, sep, spec = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--ood expects NAME=SOURCE, got {item!r}")
+        oods[name] = load_source(spec, limit=args.limit, seed=args.seed)
+    result = evaluate(bundle, ind, oods, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if args.report:
+        write_report(result, Path(args.report), bundle.threshold)
+    return 0
+
+
+def _cmd_profile_inspect(args: argparse.Namespace) -> int:
+    from nacguard.models.bundle import load_bundle
+
+    info = load_bundle(args.profile).describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    cal = info["calibration"] or {}
+    print(f"profile   {info['name']}  (schema {info['schema_version']})")
+    print(f"model     {json.dumps(info['model'])}")
+    print(f"classes   {len(info['classes'])}: {', '.join(info['classes'])}")
+    print(f"input     {json.dumps(info['preprocess'])}")
+    print(f"counted   {info['profile_samples']} InD samples")
+    for layer in info["layers"]:
+        print(
+            f"layer     {layer['name']:<16} N={layer['neurons']:<5} O={layer['saturation']:g} "
+            f"M={layer['n_edges']} beta={layer['beta']:g}"
+        )
+    print(
+        f"threshold {info['threshold']:.6f} at TPR {cal.get('tpr')} on {cal.get('samples')} held-out images"
+    )
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from nacguard.datasets import _is_image
+    from nacguard.models.bundle import load_bundle
+    from nacguard.models.preprocess import decode_image
+
+    bundle = load_bundle(args.profile, args.device)
+    files: list[Path] = []
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and _is_image(f))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"no such file or folder: {p}")
+    images = [decode_image(f.read_bytes(), max_pixels=Settings().max_image_pixels) for f in files]
+    preds = bundle.predict(images)
+    rows = [
+        {"path": str(f), **p.to_dict(top_k=args.top_k)} for f, p in zip(files, preds, strict=True)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            flag = "OOD" if r["ood"] else "ok "
+            print(
+                f"{flag} nac={r['nac_score']:.4f} {r['label']:<14} p={r['confidence']:.3f}  {r['path']}"
+            )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nacguard", description=__doc__)
+    p.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server (all settings also via NACGUARD_*)")
+    _settings_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    profile = sub.add_parser("profile", help="build, evaluate and inspect profile bundles")
+    psub = profile.add_subparsers(dest="profile_command", required=True)
+
+    b = psub.add_parser("build", help="count NAC states on InD data and calibrate a threshold")
+    b.add_argument(
+        "--model", required=True, help="demo[:k=v], torchvision:NAME[:k=v], or a bundle dir"
+    )
+    b.add_argument("--weights", help="state dict (.safetensors, or .pt/.pth loaded weights-only)")
+    b.add_argument("--num-classes", type=int)
+    b.add_argument("--preprocess", help="preset (imagenet, fashion-mnist) or a JSON spec")
+    b.add_argument("--classes", help="comma-separated class names (default: from the data)")
+    b.add_argument("--data", required=True, help="fashion-mnist:train, a folder, ...")
+    b.add_argument("--out", required=True)
+    b.add_argument("--name")
+    b.add_argument("--layers", nargs="+", metavar="NAME[:O:M:BETA]")
+    b.add_argument("--beta", type=float, default=1.0, help="default beta for bare layer names")
+    b.add_argument("--saturation", type=float, default=50.0, help="default O for bare names")
+    b.add_argument("--n-edges", type=int, default=50, help="default M for bare names")
+    b.add_argument("--samples", type=int, default=1000, help="class-balanced images to count")
+    b.add_argument("--calibration-samples", type=int, default=2000, help="held-out images")
+    b.add_argument("--tpr", type=float, default=0.95)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=_cmd_profile_build)
+
+    e = psub.add_parser("eval", help="AUROC / FPR95 / AUPR of NAC, MSP and energy")
+    e.add_argument("--profile", required=True)
+    e.add_argument("--ind", required=True)
+    e.add_argument("--ood", nargs="+", required=True, metavar="NAME=SOURCE")
+    e.add_argument("--json")
+    e.add_argument("--report")
+    e.add_argument("--limit", type=int, help="at most N images per source (seeded subset)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_cmd_profile_eval)
+
+    i = psub.add_parser("inspect", help="human-readable summary of a bundle")
+    i.add_argument("profile")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_profile_inspect)
+
+    s = sub.add_parser("score", help="score image files or folders offline")
+    s.add_argument("--profile", required=True)
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=_cmd_score)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nacguard`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (NacguardError, ValueError, FileNotFoundError, ValidationError) as exc:
+        print(f"nacguard: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

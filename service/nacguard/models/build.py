@@ -1,0 +1,178 @@
+"""Building a profile bundle: count NAC states on an InD subset, calibrate on held-out InD.
+
+Run under ``torchrun`` with several processes, each process counts a shard of the subset and
+the counts are all-reduced (gloo on CPU, nccl on CUDA); calibration scores are gathered. Per-image
+states do not depend on batch-mates, so the result equals the single-process profile exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from nacguard.datasets import ImageSource, class_balanced_indices
+from nacguard.models.bundle import Calibration, save_bundle
+from nacguard.models.preprocess import PreprocessSpec
+from nacguard.nac import LayerConfig, NacProfile, NacScorer, ProfileBuilder, threshold_at_tpr
+
+__all__ = ["BuildPlan", "batches", "build_bundle", "split_indices"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildPlan:
+    """Everything ``profile build`` needs besides the model itself."""
+
+    name: str
+    model_ref: dict[str, Any]
+    preprocess: PreprocessSpec
+    classes: Sequence[str]
+    layers: list[LayerConfig]
+    samples: int = 1000
+    calibration_samples: int = 2000
+    tpr: float = 0.95
+    seed: int = 0
+    batch_size: int = 128
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def split_indices(
+    source: ImageSource, samples: int, calibration: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint seeded subsets: a class-balanced one to count, a held-out one to calibrate."""
+    n = len(source)
+    if samples + calibration > n:
+        raise ValueError(f"{source.name} has {n} images; need {samples} + {calibration}")
+    if source.labels is not None and (source.labels >= 0).all():
+        count_idx = class_balanced_indices(source.labels, samples, seed)
+        rest = np.setdiff1d(np.arange(n), count_idx)
+        cal_local = class_balanced_indices(source.labels[rest], calibration, seed + 1)
+        cal_idx = np.sort(rest[cal_local])
+    else:
+        perm = np.random.default_rng(seed).permutation(n)
+        count_idx, cal_idx = np.sort(perm[:samples]), np.sort(perm[samples : samples + calibration])
+    return count_idx, cal_idx
+
+
+def batches(
+    images: Sequence[Image.Image], preprocess: PreprocessSpec, batch_size: int, desc: str = ""
+) -> Iterator[torch.Tensor]:
+    """Preprocessed batches, with a progress bar on a terminal."""
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc=desc, disable=not desc, unit="batch", leave=False):
+        yield preprocess.batch([images[i] for i in range(s, min(s + batch_size, len(images)))])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed(device: torch.device) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return True
+    return False
+
+
+def _reduce(profile: NacProfile, device: torch.device) -> NacProfile:
+    """Sum the partial profiles of all ranks (identity without torch.distributed)."""
+    if _world()[1] == 1:
+        return profile
+    layers = []
+    for lp in profile.layers:
+        counts = lp.counts.to(device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        layers.append(type(lp)(lp.config, lp.edges, counts.cpu()))
+    total = torch.tensor([profile.samples], device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return NacProfile(tuple(layers), int(total.item()))
+
+
+def _gather_scores(scores: np.ndarray) -> np.ndarray:
+    if _world()[1] == 1:
+        return scores
+    parts: list[Any] = [None] * _world()[1]
+    dist.all_gather_object(parts, scores)
+    return np.concatenate(parts)
+
+
+def build_bundle(
+    plan: BuildPlan,
+    model: nn.Module,
+    source: ImageSource,
+    out: Path,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Path | None:
+    """Count, calibrate and write a bundle. Returns its path (None on non-zero ranks)."""
+    device = torch.device(device)
+    owns_group = _maybe_init_distributed(device)
+    try:
+        rank, world = _world()
+        model = model.eval().to(device)
+        count_idx, cal_idx = split_indices(
+            source, plan.samples, plan.calibration_samples, plan.seed
+        )
+        shard_count, shard_cal = count_idx[rank::world], cal_idx[rank::world]
+        show = progress and rank == 0
+        builder = ProfileBuilder(model, plan.layers)
+        count_images = [source.images[int(i)] for i in shard_count]
+        for x in batches(
+            count_images, plan.preprocess, plan.batch_size, "counting" if show else ""
+        ):
+            builder.update(x.to(device))
+        profile = _reduce(builder.profile(), device)
+        scorer = NacScorer(model, profile, device=device)
+        cal_images = [source.images[int(i)] for i in shard_cal]
+        parts = [
+            scorer(x.to(device)).nac.cpu().numpy()
+            for x in batches(
+                cal_images, plan.preprocess, plan.batch_size, "calibrating" if show else ""
+            )
+        ]
+        scores = _gather_scores(np.concatenate(parts) if parts else np.zeros(0))
+        if rank != 0:
+            return None
+        calibration = Calibration(
+            tpr=plan.tpr,
+            threshold=threshold_at_tpr(scores, plan.tpr),
+            scores=np.sort(scores),
+            source=f"{source.name} (held out: {len(cal_idx)} images not counted)",
+        )
+        provenance = {
+            "data": source.name,
+            "seed": plan.seed,
+            "profile_samples": len(count_idx),
+            "calibration_samples": len(cal_idx),
+            "processes": world,
+            **plan.provenance,
+        }
+        return save_bundle(
+            out,
+            name=plan.name,
+            model_ref=plan.model_ref,
+            model=model,
+            preprocess=plan.preprocess,
+            classes=plan.classes,
+            profile=profile,
+            calibration=calibration,
+            provenance=provenance,
+        )
+    finally:
+        if owns_group:
+            dist.destroy_process_group()

@@ -1,0 +1,176 @@
+"""Image decoding and preprocessing: bytes -> PIL image -> normalised tensor.
+
+Decoding refuses oversized images from the header alone (before pixels are decompressed), so a
+decompression bomb costs nothing. Every mode Pillow can open is normalised to the model's mode:
+EXIF orientation applied, palette and alpha flattened onto the background, 16-bit and float
+images rescaled to 8 bits, CMYK converted, animated images reduced to their first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from nacguard.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
+
+__all__ = ["PRESETS", "PreprocessSpec", "decode_image", "normalize_mode"]
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes the model's input tensor.
+
+    Attributes:
+        mode: "L" (1 channel) or "RGB" (3 channels).
+        size: final (height, width).
+        resize: if set, first resize so the shorter side has this length, then center-crop to
+            ``size`` (the ImageNet recipe); if None, resize directly to ``size``.
+        mean, std: per-channel normalisation after scaling pixels to [0, 1].
+        background: gray level (0-255) that transparent pixels are composited onto.
+    """
+
+    mode: Literal["L", "RGB"] = "RGB"
+    size: tuple[int, int] = (224, 224)
+    resize: int | None = 256
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    background: int = 0
+    _mean_t: torch.Tensor = field(init=False, repr=False, compare=False)
+    _std_t: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        channels = 1 if self.mode == "L" else 3
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mode {self.mode} needs {channels} mean/std values")
+        object.__setattr__(self, "size", tuple(self.size))
+        object.__setattr__(self, "_mean_t", torch.tensor(self.mean).view(-1, 1, 1))
+        object.__setattr__(self, "_std_t", torch.tensor(self.std).view(-1, 1, 1))
+
+    @property
+    def channels(self) -> int:
+        """Number of input channels."""
+        return 1 if self.mode == "L" else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        d = asdict(self)
+        d.pop("_mean_t")
+        d.pop("_std_t")
+        d["size"] = list(self.size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        """Inverse of ``to_dict``."""
+        return cls(
+            mode=d["mode"],
+            size=(int(d["size"][0]), int(d["size"][1])),
+            resize=d.get("resize"),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            background=int(d.get("background", 0)),
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess one PIL image into a float32 tensor [C, H, W]."""
+        img = normalize_mode(image, self.mode, self.background)
+        h, w = self.size
+        if self.resize is not None:
+            scale = self.resize / min(img.size)
+            new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+            if new != img.size:
+                img = img.resize(new, Image.Resampling.BILINEAR)
+            left, top = (img.width - w) // 2, (img.height - h) // 2
+            img = img.crop((left, top, left + w, top + h))
+        elif img.size != (w, h):
+            img = img.resize((w, h), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        t = torch.from_numpy(arr)
+        t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+        return (t - self._mean_t) / self._std_t
+
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocess and stack images into [B, C, H, W]."""
+        return torch.stack([self(img) for img in images])
+
+
+PRESETS: dict[str, PreprocessSpec] = {
+    "imagenet": PreprocessSpec(),
+    "fashion-mnist": PreprocessSpec(
+        mode="L", size=(28, 28), resize=None, mean=(0.2860,), std=(0.3530,)
+    ),
+}
+
+
+def normalize_mode(image: Image.Image, mode: str, background: int = 0) -> Image.Image:
+    """Bring any Pillow image to mode "L" or "RGB" (see module docstring)."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image) or image
+    src = image.mode
+    if src in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if src.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    elif src == "F":
+        arr = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        image = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    elif src == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif src not in {"L", "RGB", "RGBA", "LA", "1"}:
+        image = image.convert("RGBA" if "A" in src else "RGB")  # CMYK, YCbCr, LAB, HSV, PA...
+    if image.mode in {"RGBA", "LA", "PA"}:
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (background, background, background, 255))
+        image = Image.alpha_composite(base, rgba).convert("RGB")
+    return image.convert(mode) if image.mode != mode else image
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    allowed_formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """Decode image bytes, enforcing format and size limits before full decoding.
+
+    Raises:
+        BadImage: not a decodable image.
+        UnsupportedMediaType: a format outside ``allowed_formats``.
+        PayloadTooLarge: more than ``max_pixels`` pixels (checked from the header).
+    """
+    if not data:
+        raise BadImage("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = image.format or "unknown"
+            if allowed_formats is not None and fmt.upper() not in {
+                f.upper() for f in allowed_formats
+            }:
+                raise UnsupportedMediaType(f"image format {fmt} is not accepted")
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise BadImage("image has no pixels")
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
+                )
+            image.load()
+    except (BadImage, UnsupportedMediaType, PayloadTooLarge):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image too large: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise BadImage(f"cannot decode image: {type(exc).__name__}") from None
+    return image
