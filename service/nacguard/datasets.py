@@ -74,6 +74,7 @@ __all__ = [
     "PathImages",
     "class_balanced_indices",
     "fashion_mnist_dir",
+    "is_image_file",
     "load_fashion_mnist",
     "load_source",
     "read_idx",
@@ -420,10 +421,15 @@ def _fashion_mnist_source(split: str) -> ImageSource:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_image(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is a regular, non-hidden file with an image extension (any case)."""
     return (
         path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
     )
+
+
+# Kept for callers that imported the former private name.
+_is_image = is_image_file
 
 
 def _folder_source(root: Path, spec: str) -> ImageSource:
@@ -432,9 +438,9 @@ def _folder_source(root: Path, spec: str) -> ImageSource:
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = {d.name: sorted(p for p in d.rglob("*") if _is_image(p)) for d in subdirs}
+    per_class = {d.name: sorted(p for p in d.rglob("*") if is_image_file(p)) for d in subdirs}
     per_class = {name: paths for name, paths in per_class.items() if paths}
-    top_level = sorted(p for p in root.iterdir() if _is_image(p))
+    top_level = sorted(p for p in root.iterdir() if is_image_file(p))
     if per_class:
         if top_level:
             logger.warning("%s: %d images beside class folders are ignored", root, len(top_level))
