@@ -51,6 +51,8 @@ def _load_model_for_build(
     args: argparse.Namespace,
 ) -> tuple[Any, dict[str, Any], Any, list[str], list[Any]]:
     """Model, its reference, preprocessing, classes and default layers for ``profile build``."""
+    import torch
+
     from nacguard.models.bundle import load_bundle
     from nacguard.models.loading import build_model, load_state_dict, parse_model_spec
     from nacguard.models.preprocess import PRESETS, PreprocessSpec
@@ -61,6 +63,7 @@ def _load_model_for_build(
         ref = {k: v for k, v in bundle.meta["model"].items() if k not in {"weights", "sha256"}}
         return bundle.model, ref, bundle.preprocess, bundle.classes, bundle.profile.configs
     ref = parse_model_spec(args.model, args.num_classes)
+    torch.manual_seed(args.seed)  # a model without --weights is still the same on every rank
     model = build_model(ref)
     if args.weights:
         model.load_state_dict(load_state_dict(Path(args.weights)), strict=True)

@@ -130,6 +130,13 @@ def build_bundle(
         )
         shard_count, shard_cal = count_idx[rank::world], cal_idx[rank::world]
         show = progress and rank == 0
+        prep, bs = plan.preprocess, plan.batch_size
+        with torch.inference_mode():
+            outputs = model(prep.batch([source.images[int(count_idx[0])]]).to(device)).shape[1]
+        if outputs != len(plan.classes):
+            raise ValueError(
+                f"the model has {outputs} outputs but {len(plan.classes)} class names were given"
+            )
         builder = ProfileBuilder(model, plan.layers)
         count_images = [source.images[int(i)] for i in shard_count]
         for x in batches(

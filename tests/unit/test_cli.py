@@ -1,0 +1,114 @@
+"""The profile CLI end to end on a tiny folder dataset, including the torchrun scale-out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+from nacguard.cli import main
+
+MODEL = "demo:width=8:num_classes=3"
+LAYERS = ["block2:5:20:0.01", "avgpool:5:20:10"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for c, level in enumerate(["dark", "mid", "bright"]):
+        (root / level).mkdir()
+        for i in range(40):
+            arr = np.clip(rng.normal(60 + 70 * c, 30, (28, 28)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr, "L").save(root / level / f"{i}.png")
+    ood = tmp_path_factory.mktemp("ood")
+    for i in range(30):
+        arr = (np.indices((28, 28)).sum(0) % 2 * 255).astype(np.uint8)
+        Image.fromarray(np.roll(arr, i, axis=1), "L").save(ood / f"{i}.png")
+    return root
+
+
+def _build(data: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["profile", "build", "--model", MODEL, "--data", str(data), "--out", str(out),
+         "--layers", *LAYERS, "--samples", "60", "--calibration-samples", "45", *extra]
+    )  # fmt: skip
+
+
+def test_build_inspect_eval_score(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bundle"
+    assert _build(data, out) == 0
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["classes"] == ["bright", "dark", "mid"]
+    assert meta["provenance"]["profile_samples"] == 60
+    assert meta["provenance"]["calibration_samples"] == 45
+
+    assert main(["profile", "inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "block2" in text and "avgpool" in text and "threshold" in text
+
+    ood = data.parent / next(p.name for p in data.parent.iterdir() if p.name.startswith("ood"))
+    report = tmp_path / "report"
+    js = tmp_path / "m.json"
+    rc = main(["profile", "eval", "--profile", str(out), "--ind", str(data),
+               "--ood", f"checker={ood}", "--json", str(js), "--report", str(report)])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads(js.read_text())["methods"]
+    assert set(metrics) == {"nac", "msp", "energy"}
+    for m in metrics.values():
+        assert 0.0 <= m["checker"]["auroc"] <= 1.0 and set(m["checker"]) == {
+            "auroc",
+            "fpr95",
+            "aupr",
+        }
+    assert (report / "report.md").is_file() and (report / "checker.png").stat().st_size > 1000
+    capsys.readouterr()
+
+    assert main(["score", "--profile", str(out), "--json", str(data / "mid" / "0.png")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["label"] in {"bright", "dark", "mid"} and "nac_score" in rows[0]
+
+
+def test_clear_errors(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["profile", "build", "--model", MODEL, "--data", str(data), "--out",
+               str(tmp_path / "x"), "--layers", "nope:5:20:1"])  # fmt: skip
+    assert rc == 2
+    assert "valid layer names" in capsys.readouterr().err
+    assert main(["profile", "inspect", str(tmp_path / "missing")]) == 2
+    assert "not a profile bundle" in capsys.readouterr().err
+    rc = main(["profile", "build", "--model", "demo:width=8", "--data", str(data), "--out",
+               str(tmp_path / "y"), "--layers", *LAYERS, "--samples", "30", "--calibration-samples", "30"])  # fmt: skip
+    assert rc == 2
+    assert "10 outputs but 3 class names" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_processes_give_the_single_process_profile(data: Path, tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    assert _build(data, single) == 0
+    sharded = tmp_path / "sharded"
+    cmd = ["torchrun", "--standalone", "--nproc-per-node=2", "--no-python", "nacguard",
+           "profile", "build", "--model", MODEL, "--data", str(data), "--out", str(sharded),
+           "--layers", *LAYERS, "--samples", "60", "--calibration-samples", "45"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_file(single / "nac.safetensors"), load_file(sharded / "nac.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    meta = json.loads((sharded / "bundle.json").read_text())
+    assert meta["provenance"]["processes"] == 2
+    assert meta["nac"]["samples"] == 60
+    assert sys.executable  # the same interpreter runs torchrun's workers
