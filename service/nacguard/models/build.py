@@ -139,18 +139,14 @@ def build_bundle(
             )
         builder = ProfileBuilder(model, plan.layers)
         count_images = [source.images[int(i)] for i in shard_count]
-        for x in batches(
-            count_images, plan.preprocess, plan.batch_size, "counting" if show else ""
-        ):
+        for x in batches(count_images, prep, bs, "counting" if show else ""):
             builder.update(x.to(device))
         profile = _reduce(builder.profile(), device)
         scorer = NacScorer(model, profile, device=device)
         cal_images = [source.images[int(i)] for i in shard_cal]
         parts = [
             scorer(x.to(device)).nac.cpu().numpy()
-            for x in batches(
-                cal_images, plan.preprocess, plan.batch_size, "calibrating" if show else ""
-            )
+            for x in batches(cal_images, prep, bs, "calibrating" if show else "")
         ]
         scores = _gather_scores(np.concatenate(parts) if parts else np.zeros(0))
         if rank != 0:
