@@ -13,6 +13,8 @@ No call on any of them raises because a backend is slow or gone: the store degra
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -35,6 +37,7 @@ __all__ = [
     "drift_bucket",
     "drift_buckets_in_window",
     "drift_key",
+    "encode_cache_value",
 ]
 
 #: Every Redis key the service writes starts with this, so an operator can find (and a shared
@@ -47,6 +50,8 @@ KEY_PREFIX = "nacguard"
 DRIFT_BUCKET_S = 10
 
 DriftScope = Literal["local", "fleet"]
+
+logger = logging.getLogger("nacguard.store")
 
 
 class StoreMetrics(Protocol):
@@ -160,6 +165,16 @@ class DriftWindow(Protocol):
     async def read(self, now: float) -> WindowCounts:
         """Like :meth:`window`, also saying whether the counts are fleet-wide or local."""
         ...
+
+
+def encode_cache_value(value: dict) -> str | None:
+    """A cache value as compact JSON, or ``None`` (logged) when it is not JSON-able. Both cache
+    backends store this text, so they accept and return exactly the same values."""
+    try:
+        return json.dumps(value, separators=(",", ":"))
+    except (TypeError, ValueError):
+        logger.warning("result not JSON-serialisable; not cached", exc_info=True)
+        return None
 
 
 def cache_key(profile_id: str, image_sha256: str) -> str:

@@ -26,6 +26,7 @@ from nacguard.store.base import (
     add_counts,
     drift_bucket,
     drift_buckets_in_window,
+    encode_cache_value,
 )
 from nacguard.store.records import ReviewEntry, image_extension, safe_name
 
@@ -106,10 +107,8 @@ class LocalResultCache:
 
     async def put(self, image_sha256: str, value: dict) -> None:
         """Store ``value`` (JSON-able); evicts the least recently used entry past the bound."""
-        try:
-            text = json.dumps(value, separators=(",", ":"))
-        except (TypeError, ValueError):
-            logger.warning("result not JSON-serialisable; not cached", exc_info=True)
+        text = encode_cache_value(value)
+        if text is None:
             return
         self._entries[image_sha256] = (self._clock() + self._ttl_s, text)
         self._entries.move_to_end(image_sha256)

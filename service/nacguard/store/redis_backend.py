@@ -31,6 +31,7 @@ from nacguard.store.base import (
     drift_bucket,
     drift_buckets_in_window,
     drift_key,
+    encode_cache_value,
 )
 from nacguard.store.link import RedisLink
 from nacguard.store.local import LocalDriftWindow
@@ -89,10 +90,8 @@ class RedisResultCache:
 
     async def put(self, image_sha256: str, value: dict) -> None:
         """Store ``value`` (JSON-able) for the TTL; dropped silently if Redis is unavailable."""
-        try:
-            text = json.dumps(value, separators=(",", ":"))
-        except (TypeError, ValueError):
-            logger.warning("result not JSON-serialisable; not cached", exc_info=True)
+        text = encode_cache_value(value)
+        if text is None:
             return
         key = cache_key(self._profile_id, image_sha256)
 
