@@ -1,1 +1,6 @@
-"""monitoring"""
+"""Prometheus metrics (one module) and drift statistics of NAC scores."""
+
+from nacguard.monitoring.drift import DriftReference, DriftReport, drift_report
+from nacguard.monitoring.metrics import REJECT_REASONS, Metrics
+
+__all__ = ["REJECT_REASONS", "DriftReference", "DriftReport", "Metrics", "drift_report"]
