@@ -191,17 +191,21 @@ class StateExtractor:
 
         def capture(name: str) -> _Hook:
             def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
-                # The first monitored output reached has no graph (frozen parameters): it
-                # becomes the leaf. Later ones already depend on it. The clone shields the
-                # captured value from in-place ops further up (e.g. ReLU(inplace=True)).
+                # The forward starts with grad mode off, so the layers below the first
+                # monitored output run as cheaply as in inference. That output becomes the
+                # only leaf, and grad mode goes on from here to the logits; later monitored
+                # outputs already depend on it. The clone shields the captured value from
+                # in-place ops further up (e.g. ReLU(inplace=True)).
+                torch.set_grad_enabled(True)
                 z = out if out.requires_grad else out.detach().requires_grad_(True)
                 outputs[name] = z
                 return z.clone()
 
             return hook
 
-        with torch.enable_grad(), self._hooks(capture), self._autocast(x):
+        with torch.no_grad(), self._hooks(capture), self._autocast(x):
             logits = self.model(x)
+            torch.set_grad_enabled(True)  # restored by the no_grad context on exit
             names = list(outputs)
             loss = uniform_loss(logits).sum()
             grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)

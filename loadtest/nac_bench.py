@@ -1,0 +1,127 @@
+"""CPU/GPU throughput of the NAC computation itself (no HTTP), measured side by side.
+
+Compares, on a torchvision ResNet (random weights; speed does not depend on them):
+
+* ``plain``      — the forward pass alone, under inference_mode;
+* ``nac-avgpool`` — NAC on the pooled penultimate layer only (analytic head gradient);
+* ``nac-4``      — NAC on layer1..layer3 + avgpool (one activation-only gradient call);
+* ``reference``  — the same four layers computed reference-style (parameter gradients on,
+  one autograd call per layer, B x (M-1) x N comparison tensors).
+
+Variants run round-robin, so machine noise hits all of them alike; the table reports the median
+images/s over the rounds and ratios against ``plain`` and ``reference``.
+
+    python loadtest/nac_bench.py                      # ResNet-18, batch 64, 224x224, CPU
+    python loadtest/nac_bench.py --device cuda --model resnet50 --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+
+from nacguard.nac import LayerConfig, NacScorer, ProfileBuilder
+from nacguard.nac.reference import reference_scores
+
+# The published ResNet-50 / ImageNet settings (O / M / beta), see the method notes.
+LAYERS_4 = [
+    LayerConfig("layer1", 1.0, 5000.0, 1000),
+    LayerConfig("layer2", 0.01, 50.0, 500),
+    LayerConfig("layer3", 300.0, 500.0, 50),
+    LayerConfig("avgpool", 3000.0, 10.0, 50),
+]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(model_name: str, batch: int, size: int, device: str, rounds: int) -> dict[str, object]:
+    """Measure every variant; returns the JSON-able result."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(model_name, weights=None).eval().to(dev)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    profile4 = ProfileBuilder(model, LAYERS_4).fit([x])
+    profile1 = ProfileBuilder(model, LAYERS_4[-1:]).fit([x])
+    fast4 = NacScorer(model, profile4, device=dev)
+    fast1 = NacScorer(model, profile1, device=dev)
+    ref_model = torchvision.models.get_model(model_name, weights=None).eval().to(dev)
+    ref_model.load_state_dict(model.state_dict())  # parameters keep requires_grad, as naively
+
+    def plain() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    variants: dict[str, Callable[[], object]] = {
+        "plain": plain,
+        "nac-avgpool": lambda: fast1(x),
+        "nac-4": lambda: fast4(x),
+        "reference": lambda: reference_scores(ref_model, profile4, x),
+    }
+    # The fast path and the reference compute the same scores.
+    torch.testing.assert_close(
+        fast4(x).nac, reference_scores(ref_model, profile4, x), atol=1e-5, rtol=0
+    )
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    return {
+        "model": model_name,
+        "batch": batch,
+        "size": size,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "images_per_s": ips,
+        "fast4_over_reference": ips["nac-4"] / ips["reference"],
+        "avgpool_cost_over_plain": ips["plain"] / ips["nac-avgpool"],
+    }
+
+
+def main() -> None:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args()
+    r = run(args.model, args.batch, args.size, args.device, args.rounds)
+    ips = r["images_per_s"]
+    assert isinstance(ips, dict)
+    print(
+        f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {r['device']}, {r['threads']} threads"
+    )
+    print("| variant | img/s | vs plain |")
+    print("|---|---|---|")
+    for name, v in ips.items():
+        print(f"| {name} | {v:.1f} | {v / ips['plain']:.2f}x |")
+    print(f"fast path (4 layers) vs reference: {r['fast4_over_reference']:.2f}x")
+    print(f"avgpool-only cost relative to plain forward: {r['avgpool_cost_over_plain']:.3f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
