@@ -1,0 +1,109 @@
+"""Per-request context: request id, access log, request metrics, last-resort error response.
+
+A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which buffers responses and
+runs the app in another task): it wraps ``send`` to add ``X-Request-ID`` and note the status,
+and times the request until the app returns (background tasks included).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_response
+from .logs import request_id_var
+
+__all__ = ["REQUEST_ID_HEADER", "RequestContextMiddleware"]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+log = logging.getLogger("nacguard.access")
+
+# A client's id is echoed and logged, so it must be short and harmless in a header and a log.
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# Probes and scrapes arrive every few seconds from every replica's kubelet and Prometheus.
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Status logged and counted for a client that went away before its answer (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _VALID_ID.match(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+class RequestContextMiddleware:
+    """Adds the request id, logs one line per request, observes request metrics, and answers
+    exceptions that escaped the app with the JSON error shape (500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED
+        except Exception as exc:
+            if response_started:
+                log.error("error after the response started", exc_info=exc)
+            else:
+                await error_response(Request(scope), exc)(scope, receive, send_with_id)
+        finally:
+            self._finish(scope, status, time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    @staticmethod
+    def _finish(scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "other"
+        method = scope.get("method", "")
+        app = scope.get("app")
+        service = getattr(getattr(app, "state", None), "service", None)
+        metrics = getattr(service, "metrics", None)
+        if metrics is not None:
+            metrics.observe_request(endpoint, method, status, seconds)
+        path = scope.get("path", "")
+        log.log(
+            logging.DEBUG if path in _QUIET_PATHS and status < 400 else logging.INFO,
+            "%s %s %d",
+            method,
+            path,
+            status,
+            extra={
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 3),
+            },
+        )

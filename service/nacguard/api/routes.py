@@ -1,0 +1,228 @@
+"""The HTTP endpoints. Each is a thin shell: parse, call the service, shape the answer.
+
+``/predict`` response headers:
+
+* ``X-Request-ID``: the client's (when given and sane) or a generated one; also in the logs.
+* ``X-Queue-Time-Ms``: from queueing until the last batch holding one of the request's images
+  started computing.
+* ``X-Inference-Time-Ms``: summed compute time of those batches (which other requests' images
+  shared).
+* ``X-Batch-Sizes``: the sizes of those batches, comma-separated, in start order: how dynamic
+  batching grouped this request with others (``4`` = one batch of 4 images, maybe from four
+  requests). Empty when every image came from the cache.
+* ``X-Cache-Hits``: images answered from the result cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from nacguard.errors import InvalidRequest
+
+from .errors import ERROR_RESPONSES
+from .inputs import parse_images, read_body
+from .schemas import (
+    PREDICT_REQUEST_BODY,
+    DriftOut,
+    ErrorResponse,
+    HealthOut,
+    PredictResponse,
+    ProfileOut,
+    ReadyOut,
+)
+from .service import PredictOutcome, Service
+
+__all__ = ["router"]
+
+T = TypeVar("T")
+
+router = APIRouter()
+
+_NOT_READY: dict[int | str, dict[str, Any]] = {503: ERROR_RESPONSES[503]}
+
+
+def get_service(request: Request) -> Service:
+    """The app's service (dependency)."""
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone away (the body must already be read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first, so a request nobody waits
+    for leaves the queue before it costs compute."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.create_task(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watch.cancel()
+    if task.cancelled():
+        raise ClientDisconnect()
+    return task.result()
+
+
+def _prediction_json(outcome: PredictOutcome, top_k: int) -> list[dict[str, Any]]:
+    out = []
+    for p in outcome.predictions:
+        item = p.to_dict(top_k=top_k)
+        if item["nac_score"] != item["nac_score"]:  # NaN (scoring off) is not JSON
+            item["nac_score"] = None
+        out.append(item)
+    return out
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
+    summary="Classify images and screen them for out-of-distribution inputs",
+)
+async def predict(
+    request: Request,
+    service: ServiceDep,
+    top_k: Annotated[
+        int | None,
+        Query(ge=0, le=1000, description="Top classes per prediction (default: server setting)."),
+    ] = None,
+    x_timeout_ms: Annotated[
+        float | None,
+        Header(
+            gt=0,
+            allow_inf_nan=False,
+            description="Deadline in milliseconds, capped by the server's request_timeout_s.",
+        ),
+    ] = None,
+) -> Response:
+    """One prediction per image, in request order."""
+    admission = service.admit()
+    try:
+        settings = service.settings
+        bundle = service.bundle
+        assert bundle is not None  # admitted => loaded
+        classes = len(bundle.classes)
+        k = min(settings.top_k, classes) if top_k is None else top_k
+        if k > classes:
+            raise InvalidRequest(f"top_k must be at most {classes}, the number of classes")
+        timeout = settings.request_timeout_s
+        if x_timeout_ms is not None:
+            timeout = min(timeout, x_timeout_ms / 1000.0)
+        deadline = time.monotonic() + timeout
+        body = await read_body(request, service.limits.max_body_bytes)
+        images = await run_in_threadpool(
+            parse_images, body, request.headers.get("content-type"), service.limits
+        )
+        del body
+        outcome = await _unless_disconnected(
+            request,
+            service.predict(
+                images,
+                deadline=deadline,
+                request_id=request.state.request_id,
+                admission=admission,
+            ),
+        )
+    finally:
+        admission.close()
+    content = {
+        "model": bundle.model_name,
+        "profile": bundle.name,
+        "predictions": _prediction_json(outcome, k),
+    }
+    headers = {
+        "X-Queue-Time-Ms": f"{outcome.queue_s * 1000:.3f}",
+        "X-Inference-Time-Ms": f"{outcome.inference_s * 1000:.3f}",
+        "X-Batch-Sizes": ",".join(str(b.size) for b in outcome.batches),
+        "X-Cache-Hits": str(outcome.cache_hits),
+    }
+    background = BackgroundTask(outcome.after_response) if outcome.after_response else None
+    return JSONResponse(content, headers=headers, background=background)
+
+
+@router.get("/healthz", response_model=HealthOut, summary="Liveness: the process answers")
+async def healthz(service: ServiceDep) -> HealthOut:
+    """Always 200 while the process runs."""
+    return HealthOut(
+        status="alive",
+        ready=service.ready,
+        draining=service.draining,
+        predict_requests_in_progress=service.requests_in_progress,
+    )
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    responses=_NOT_READY,
+    summary="Readiness: loaded, warmed up, not draining",
+)
+async def readyz(service: ServiceDep) -> ReadyOut:
+    """200 once the model and profile are loaded and warmed up; 503 while starting or draining."""
+    service.check_ready()
+    assert service.bundle is not None
+    return ReadyOut(status="ready", profile=service.bundle.name, model=service.bundle.model_name)
+
+
+@router.get(
+    "/v1/profile",
+    response_model=ProfileOut,
+    responses=_NOT_READY,
+    summary="The served model and profile",
+)
+async def profile(service: ServiceDep) -> dict[str, Any]:
+    """Model, classes, monitored layers, threshold and calibration summary."""
+    bundle = service.bundle
+    if bundle is None:
+        service.check_ready()
+    assert bundle is not None
+    return {"identity": bundle.identity, **bundle.describe()}
+
+
+@router.get(
+    "/v1/drift",
+    response_model=DriftOut,
+    responses=_NOT_READY,
+    summary="Drift of recent NAC scores",
+)
+async def drift(service: ServiceDep) -> dict[str, Any]:
+    """Drift statistics of the recent-score window against the calibration scores."""
+    report = await service.drift()
+    return report.to_dict()
+
+
+@router.get(
+    "/metrics",
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        503: {"model": ErrorResponse, "description": "Still loading."},
+    },
+    response_class=Response,
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request, service: ServiceDep) -> Response:
+    """Prometheus text format (OpenMetrics when the scrape asks for it)."""
+    body, content_type = await service.render_metrics(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
