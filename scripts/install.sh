@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install everything nacguard's tests and demo need on a fresh Debian machine (idempotent).
+#   apt: redis-server, prometheus (+promtool), dataset-fashion-mnist (the demo's data)
+#   pip: torch/torchvision (pinned: an unpinned torch can pull a different multi-GB build),
+#        then nacguard itself with its dev extras.
+# Set NACGUARD_SKIP_APT=1 to skip the apt part (e.g. without root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${NACGUARD_SKIP_APT:-0}" != "1" ]; then
+  need=()
+  command -v redis-server >/dev/null || need+=(redis-server)
+  command -v promtool >/dev/null || need+=(prometheus)
+  [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+  if [ ${#need[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+fi
+
+python -m pip install -q torch==2.14.1 torchvision==0.29.1
+python -m pip install -q -e ".[dev]"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: install what is missing, lint, type-check, run the whole test suite.
+# Tests start their own redis-server and prometheus processes on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+ruff check .
+ruff format --check .
+mypy
+python -m pytest "$@"
