@@ -103,7 +103,10 @@ def _cmd_profile_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
     )
-    out = build_bundle(plan, model, source, Path(args.out), device=args.device)
+    cal_source = load_source(args.calibration_data) if args.calibration_data else None
+    out = build_bundle(
+        plan, model, source, Path(args.out), calibration_source=cal_source, device=args.device
+    )
     if out is not None:
         print(f"wrote {out}")
     return 0
@@ -206,6 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--preprocess", help="preset (imagenet, fashion-mnist) or a JSON spec")
     b.add_argument("--classes", help="comma-separated class names (default: from the data)")
     b.add_argument("--data", required=True, help="fashion-mnist:train, a folder, ...")
+    b.add_argument(
+        "--calibration-data",
+        help="held-out InD images for the threshold (default: held out of --data)",
+    )
     b.add_argument("--out", required=True)
     b.add_argument("--name")
     b.add_argument("--layers", nargs="+", metavar="NAME[:O:M:BETA]")

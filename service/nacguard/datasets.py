@@ -3,7 +3,8 @@
 :func:`load_source` turns a short spec string into an :class:`ImageSource` (a sequence of PIL
 images, optional integer labels and class names). Specs:
 
-``fashion-mnist:train`` / ``fashion-mnist:test``
+``fashion-mnist:train`` / ``fashion-mnist:test`` (and ``train-fit`` / ``train-holdout``, the demo's
+split of the train split, see :func:`fashion_mnist_holdout_split`)
     The gzip idx files of the Debian package ``dataset-fashion-mnist``, read from
     ``/usr/share/datasets/fashion-mnist`` (override the folder with the environment variable
     ``NACGUARD_FASHION_MNIST_DIR``). Magic numbers and sizes are validated. 28x28 'L' images,
@@ -34,6 +35,10 @@ a folder path
         random dark/bright levels.
     ``stripes``
         A rotated square- or sine-wave grating with random period, phase, angle and contrast.
+    ``glyphs``
+        One or two random characters (digits, letters, symbols) drawn with Pillow's built-in
+        font, bright strokes on dark, random size, stroke width, slant and offset: digit- and
+        letter-like shapes, the closest of these kinds to handwriting data sets.
     ``blobs``
         Gaussian-blurred noise (random blur radius), contrast-stretched to a random range: soft
         low-frequency shapes.
@@ -65,6 +70,7 @@ from PIL import Image, ImageDraw, ImageFilter
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR_ENV",
+    "FASHION_MNIST_HOLDOUT",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "IMAGE_EXTENSIONS",
@@ -74,6 +80,7 @@ __all__ = [
     "PathImages",
     "class_balanced_indices",
     "fashion_mnist_dir",
+    "fashion_mnist_holdout_split",
     "is_image_file",
     "load_fashion_mnist",
     "load_source",
@@ -401,15 +408,39 @@ def load_fashion_mnist(
     return images, labels.astype(np.int64)
 
 
+#: Size of the demo model's held-out validation part of the train split (see
+#: :func:`fashion_mnist_holdout_split`).
+FASHION_MNIST_HOLDOUT = 5000
+
+
+def fashion_mnist_holdout_split(
+    n: int = 60_000, seed: int = 0, holdout: int = FASHION_MNIST_HOLDOUT
+) -> tuple[np.ndarray, np.ndarray]:
+    """The demo's split of the train split: (fit indices, held-out indices), both sorted.
+
+    A seeded permutation's last ``holdout`` positions are held out. The demo model is trained on
+    the fit part only; its profile is calibrated and its NAC settings are tuned on the held-out
+    part, so neither ever touches the test split.
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:-holdout]), np.sort(perm[-holdout:])
+
+
 def _fashion_mnist_source(split: str) -> ImageSource:
-    if split not in _FMNIST_FILES:
+    base = {"train-fit": "train", "train-holdout": "train"}.get(split, split)
+    if base not in _FMNIST_FILES:
         raise ValueError(
-            f"unknown Fashion-MNIST split {split!r} in 'fashion-mnist:{split}'; "
-            "use fashion-mnist:train or fashion-mnist:test"
+            f"unknown Fashion-MNIST split {split!r} in 'fashion-mnist:{split}'; use "
+            "fashion-mnist:train, fashion-mnist:test, fashion-mnist:train-fit or "
+            "fashion-mnist:train-holdout"
         )
-    images, labels = load_fashion_mnist(split)  # type: ignore[arg-type]
+    images, labels = load_fashion_mnist(base)  # type: ignore[arg-type]
+    if base != split:
+        fit, held = fashion_mnist_holdout_split(images.shape[0])
+        keep = fit if split == "train-fit" else held
+        images, labels = images[keep], labels[keep]
     return ImageSource(
-        images=ArrayImages(images),
+        images=ArrayImages(np.ascontiguousarray(images)),
         labels=labels,
         classes=list(FASHION_MNIST_CLASSES),
         name=f"fashion-mnist:{split}",
@@ -571,6 +602,39 @@ def _shapes(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     return out
 
 
+_GLYPHS = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnqrt@#%&?"
+
+
+def _glyphs(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """1-2 random characters (digits, letters, symbols), bright strokes on a dark background,
+    random size, stroke width, position and slant: digit- and letter-like near-OOD images."""
+    from PIL import ImageFont
+
+    out = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        big = Image.new("L", (2 * size, 2 * size), 0)
+        draw = ImageDraw.Draw(big)
+        count = 1 if rng.random() < 0.75 else 2
+        font = ImageFont.load_default(size=float(rng.uniform(0.9, 1.4) * size / count))
+        text = "".join(_GLYPHS[int(rng.integers(len(_GLYPHS)))] for _ in range(count))
+        draw.text(
+            (size, size),
+            text,
+            fill=int(rng.integers(180, 256)),
+            font=font,
+            anchor="mm",
+            stroke_width=int(rng.integers(1, 4)),
+            stroke_fill=int(rng.integers(150, 256)),
+        )
+        big = big.rotate(float(rng.uniform(-25, 25)), resample=Image.Resampling.BILINEAR)
+        dx, dy = (int(v) for v in rng.integers(-size // 8, size // 8 + 1, size=2))
+        crop = big.crop(
+            (size // 2 + dx, size // 2 + dy, size // 2 + dx + size, size // 2 + dy + size)
+        )
+        out[i] = np.asarray(crop, dtype=np.uint8)
+    return out
+
+
 def _fmnist_train_variant(
     transform: Callable[[np.ndarray], np.ndarray],
 ) -> Callable[[np.random.Generator, int, int], np.ndarray]:
@@ -603,6 +667,7 @@ _SYNTHETIC: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "checkerboard": _checkerboard,
     "stripes": _stripes,
     "blobs": _blobs,
+    "glyphs": _glyphs,
     "fmnist-train-inverted": _fmnist_train_variant(lambda x: 255 - x),
     "fmnist-train-vflip": _fmnist_train_variant(lambda x: x[:, ::-1, :]),
     "fmnist-train-rot90": _fmnist_train_variant(_rot90_alternating),

@@ -51,7 +51,10 @@ class BuildPlan:
 def split_indices(
     source: ImageSource, samples: int, calibration: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint seeded subsets: a class-balanced one to count, a held-out one to calibrate."""
+    """Disjoint seeded subsets: a class-balanced one to count, a held-out one to calibrate.
+
+    With ``calibration=0`` only the counting subset is drawn (the second array is empty).
+    """
     n = len(source)
     if samples + calibration > n:
         raise ValueError(f"{source.name} has {n} images; need {samples} + {calibration}")
@@ -116,18 +119,30 @@ def build_bundle(
     source: ImageSource,
     out: Path,
     *,
+    calibration_source: ImageSource | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Path | None:
-    """Count, calibrate and write a bundle. Returns its path (None on non-zero ranks)."""
+    """Count, calibrate and write a bundle. Returns its path (None on non-zero ranks).
+
+    Calibration images are held out of ``source`` unless ``calibration_source`` is given
+    (e.g. images the model was not trained on), which must not overlap the counted images.
+    """
     device = torch.device(device)
     owns_group = _maybe_init_distributed(device)
     try:
         rank, world = _world()
         model = model.eval().to(device)
-        count_idx, cal_idx = split_indices(
-            source, plan.samples, plan.calibration_samples, plan.seed
-        )
+        if calibration_source is None:
+            cal_source = source
+            count_idx, cal_idx = split_indices(
+                source, plan.samples, plan.calibration_samples, plan.seed
+            )
+        else:
+            cal_source = calibration_source
+            count_idx, _ = split_indices(source, plan.samples, 0, plan.seed)
+            n_cal = min(plan.calibration_samples, len(calibration_source))
+            cal_idx, _ = split_indices(calibration_source, n_cal, 0, plan.seed + 1)
         shard_count, shard_cal = count_idx[rank::world], cal_idx[rank::world]
         show = progress and rank == 0
         prep, bs = plan.preprocess, plan.batch_size
@@ -143,7 +158,7 @@ def build_bundle(
             builder.update(x.to(device))
         profile = _reduce(builder.profile(), device)
         scorer = NacScorer(model, profile, device=device)
-        cal_images = [source.images[int(i)] for i in shard_cal]
+        cal_images = [cal_source.images[int(i)] for i in shard_cal]
         parts = [
             scorer(x.to(device)).nac.cpu().numpy()
             for x in batches(cal_images, prep, bs, "calibrating" if show else "")
@@ -155,7 +170,7 @@ def build_bundle(
             tpr=plan.tpr,
             threshold=threshold_at_tpr(scores, plan.tpr),
             scores=np.sort(scores),
-            source=f"{source.name} (held out: {len(cal_idx)} images not counted)",
+            source=f"{cal_source.name} ({len(cal_idx)} images, none of them counted)",
         )
         provenance = {
             "data": source.name,
