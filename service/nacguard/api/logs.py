@@ -16,7 +16,13 @@ from typing import Any
 
 from nacguard.settings import Settings
 
-__all__ = ["JsonFormatter", "configure_logging", "current_request_id", "request_id_var"]
+__all__ = [
+    "JsonFormatter",
+    "RequestIdFilter",
+    "configure_logging",
+    "current_request_id",
+    "request_id_var",
+]
 
 #: The id of the request being handled on this task ("" outside a request).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -30,7 +36,9 @@ def current_request_id() -> str:
     return request_id_var.get()
 
 
-class _RequestIdFilter(logging.Filter):
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the current request id (unless it already carries one)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", None):
             record.request_id = request_id_var.get()
@@ -62,7 +70,7 @@ def configure_logging(settings: Settings) -> None:
     Replaces the root logger's handlers, so calling it twice does not duplicate lines.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RequestIdFilter())
+    handler.addFilter(RequestIdFilter())
     if settings.log_json:
         handler.setFormatter(JsonFormatter())
     else:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from nacguard.models.bundle import load_bundle
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.conftest import Api, ApiFactory
+from tests.unit.api.helpers import PNG, Api, ApiFactory, multipart
 
 PREDICTION_KEYS = {"label", "class_index", "confidence", "nac_score", "ood", "threshold", "top_k"}
 
@@ -40,7 +40,7 @@ def _assert_matches(predictions: list[dict], expected: list[dict]) -> None:
 
 async def test_raw_png_body(api: Api, tiny_bundle: Path) -> None:
     (image,) = encoded_images(1, seed=11)
-    r = await api.client.post("/predict", content=image, headers={"Content-Type": "image/png"})
+    r = await api.client.post("/predict", content=image, headers=PNG)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "demo"
@@ -69,8 +69,7 @@ async def test_octet_stream_body_is_sniffed(api: Api) -> None:
 
 async def test_multipart_keeps_request_order(api: Api, tiny_bundle: Path) -> None:
     images = encoded_images(3, seed=21) + encoded_images(3, kind="uniform", seed=22)
-    files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
-    r = await api.client.post("/predict", files=files)
+    r = await api.client.post("/predict", files=multipart(images))
     assert r.status_code == 200, r.text
     predictions = r.json()["predictions"]
     _assert_matches(predictions, _expected(tiny_bundle, images))
@@ -87,9 +86,7 @@ async def test_json_base64_and_data_url(api: Api, tiny_bundle: Path) -> None:
 
 async def test_mixed_in_and_out_of_distribution_flags(api: Api) -> None:
     images = encoded_images(16, kind="uniform", seed=41)
-    r = await api.client.post(
-        "/predict", files=[("images", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)]
-    )
+    r = await api.client.post("/predict", files=multipart(images))
     flags = [p["ood"] for p in r.json()["predictions"]]
     # Uniform noise is far from the blobs the tiny profile was counted on: some are flagged,
     # and the flag is exactly "score below threshold" (checked per image above).
@@ -98,7 +95,7 @@ async def test_mixed_in_and_out_of_distribution_flags(api: Api) -> None:
 
 async def test_top_k(api: Api) -> None:
     (image,) = encoded_images(1, seed=51)
-    headers = {"Content-Type": "image/png"}
+    headers = PNG
     default = (await api.client.post("/predict", content=image, headers=headers)).json()
     assert len(default["predictions"][0]["top_k"]) == api.settings.top_k
     for k in (0, 1, 10):
@@ -132,14 +129,13 @@ async def test_response_headers(api: Api) -> None:
 
 async def test_cache_hit_skips_compute(api: Api) -> None:
     images = encoded_images(2, seed=71)
-    headers = {"Content-Type": "image/png"}
+    headers = PNG
     first = await api.client.post("/predict", content=images[0], headers=headers)
     again = await api.client.post("/predict", content=images[0], headers=headers)
     assert again.headers["X-Cache-Hits"] == "1"
     assert again.headers["X-Batch-Sizes"] == ""
     assert again.json() == first.json()
-    files = [("images", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)]
-    mixed = await api.client.post("/predict", files=files)
+    mixed = await api.client.post("/predict", files=multipart(images))
     assert mixed.headers["X-Cache-Hits"] == "1"
     assert mixed.headers["X-Batch-Sizes"] == "1"
     assert mixed.json()["predictions"][0] == first.json()["predictions"][0]
@@ -149,9 +145,7 @@ async def test_cache_disabled(make_api: ApiFactory) -> None:
     (image,) = encoded_images(1, seed=72)
     async with make_api(cache_enabled=False) as api:
         for _ in range(2):
-            r = await api.client.post(
-                "/predict", content=image, headers={"Content-Type": "image/png"}
-            )
+            r = await api.client.post("/predict", content=image, headers=PNG)
             assert r.headers["X-Cache-Hits"] == "0"
             assert r.headers["X-Batch-Sizes"] == "1"
 
@@ -159,7 +153,7 @@ async def test_cache_disabled(make_api: ApiFactory) -> None:
 async def test_scoring_off_serves_plain_classification(make_api: ApiFactory) -> None:
     (image,) = encoded_images(1, seed=81)
     async with make_api(scoring=False) as api:
-        r = await api.client.post("/predict", content=image, headers={"Content-Type": "image/png"})
+        r = await api.client.post("/predict", content=image, headers=PNG)
     assert r.status_code == 200, r.text
     prediction = r.json()["predictions"][0]
     assert prediction["nac_score"] is None
@@ -172,7 +166,7 @@ async def test_review_dir_receives_flagged_images(make_api: ApiFactory, tmp_path
     async with make_api(review_dir=tmp_path / "review") as api:
         r = await api.client.post(
             "/predict",
-            files=[("images", (f"{i}.png", d, "image/png")) for i, d in enumerate(images)],
+            files=multipart(images),
             headers={"X-Request-ID": "review-req"},
         )
     flagged = sum(p["ood"] for p in r.json()["predictions"])
