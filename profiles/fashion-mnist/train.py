@@ -1,6 +1,7 @@
 """Train the bundled demo classifier (FashionCNN) on the Fashion-MNIST train split.
 
-Usage (from the repository root; about 5-10 minutes on 2 CPU cores)::
+Usage (from the repository root; about 7 minutes on 2 idle CPU cores,
+longer when they are shared)::
 
     python profiles/fashion-mnist/train.py [--epochs 30] [--seed 0] [--out-dir DIR]
 

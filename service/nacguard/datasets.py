@@ -102,8 +102,9 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "Bag",
     "Ankle boot",
 )
-#: Pixel mean and standard deviation of the Fashion-MNIST train split on a 0..1 scale (the
-#: normalisation the demo model is trained with; recomputed by the training script).
+#: Pixel mean and standard deviation of the whole Fashion-MNIST train split on a 0..1 scale.
+#: The demo model records the values of its own fitting subset in training.json (0.2863 /
+#: 0.3532); a bundle must take its normalisation from there, not from these constants.
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 FASHION_MNIST_DIR_ENV = "NACGUARD_FASHION_MNIST_DIR"
