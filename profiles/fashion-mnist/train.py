@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nacguard.datasets import load_fashion_mnist
+from nacguard.datasets import FASHION_MNIST_HOLDOUT, fashion_mnist_holdout_split, load_fashion_mnist
 from nacguard.models.demo import DEMO_ARCHITECTURE, FashionCNN, demo_config
 
 logger = logging.getLogger("nacguard.train_demo")
 
-VAL_SIZE = 5_000
+VAL_SIZE = FASHION_MNIST_HOLDOUT
 PAD = 2  # random-crop padding in pixels
 
 
@@ -96,8 +96,9 @@ def main() -> None:
     started = time.perf_counter()
 
     images_np, labels_np = load_fashion_mnist("train")
-    perm = np.random.default_rng(args.seed).permutation(images_np.shape[0])
-    fit_idx, val_idx = np.sort(perm[:-VAL_SIZE]), np.sort(perm[-VAL_SIZE:])
+    # The same split that `fashion-mnist:train-fit` / `train-holdout` name, so the profile is
+    # calibrated and tuned on exactly the images this model never trained on.
+    fit_idx, val_idx = fashion_mnist_holdout_split(images_np.shape[0], args.seed, VAL_SIZE)
     fit_x = torch.from_numpy(images_np[fit_idx].copy())
     fit_y = torch.from_numpy(labels_np[fit_idx].copy())
     val_x = torch.from_numpy(images_np[val_idx].copy())

@@ -423,6 +423,8 @@ def fashion_mnist_holdout_split(
     the fit part only; its profile is calibrated and its NAC settings are tuned on the held-out
     part, so neither ever touches the test split.
     """
+    if not 0 < holdout < n:
+        raise ValueError(f"cannot hold out {holdout} of {n} images")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[:-holdout]), np.sort(perm[-holdout:])
 

@@ -22,6 +22,7 @@ from nacguard.datasets import (
     ImageSource,
     PathImages,
     class_balanced_indices,
+    fashion_mnist_holdout_split,
     load_fashion_mnist,
     load_source,
     read_idx,
@@ -149,8 +150,19 @@ def test_fashion_mnist_limit_is_class_balanced(fake_fmnist: dict[str, np.ndarray
 
 
 def test_fashion_mnist_unknown_split(fake_fmnist: dict[str, np.ndarray]) -> None:
-    with pytest.raises(ValueError, match="fashion-mnist:train or fashion-mnist:test"):
+    with pytest.raises(ValueError, match="fashion-mnist:train, fashion-mnist:test"):
         load_source("fashion-mnist:validation")
+
+
+def test_holdout_split() -> None:
+    fit, held = fashion_mnist_holdout_split(50, seed=3, holdout=8)
+    assert len(fit) == 42 and len(held) == 8
+    assert np.array_equal(np.sort(np.concatenate([fit, held])), np.arange(50))
+    assert np.all(np.diff(fit) > 0) and np.all(np.diff(held) > 0)
+    again = fashion_mnist_holdout_split(50, seed=3, holdout=8)
+    assert np.array_equal(held, again[1])
+    with pytest.raises(ValueError, match="hold out 50 of 50"):
+        fashion_mnist_holdout_split(50, holdout=50)
 
 
 def test_fashion_mnist_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,6 +190,22 @@ def test_real_fashion_mnist(monkeypatch: pytest.MonkeyPatch, split: str, n: int)
     # Both splits are exactly balanced over the ten classes.
     assert np.bincount(labels, minlength=10).tolist() == [n // 10] * 10
     assert 0.27 < images.mean() / 255 < 0.30  # the well-known pixel mean (about 0.286)
+
+
+@pytest.mark.skipif(
+    not (REAL_FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
+def test_real_train_fit_and_holdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(FASHION_MNIST_DIR_ENV, raising=False)
+    fit = load_source("fashion-mnist:train-fit")
+    held = load_source("fashion-mnist:train-holdout")
+    assert (len(fit), len(held)) == (55_000, 5_000)
+    assert held.classes == list(FASHION_MNIST_CLASSES) and held.labels is not None
+    images, labels = load_fashion_mnist("train")
+    _, held_idx = fashion_mnist_holdout_split()
+    np.testing.assert_array_equal(held.labels, labels[held_idx])
+    np.testing.assert_array_equal(np.asarray(held.images[7]), images[held_idx[7]])
 
 
 # ---------------------------------------------------------------------------------------------
