@@ -28,7 +28,12 @@ __all__ = [
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is logged.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn adds ``color_message`` (the message with ANSI colours) to its records: not for JSON.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def current_request_id() -> str:

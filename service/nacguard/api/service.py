@@ -315,7 +315,10 @@ class Service:
         if self.batcher is not None:
             await self.batcher.stop(drain=True, timeout=max(0.0, deadline - time.monotonic()))
         clean = await _wait_until(self._no_requests, deadline) and clean
-        log.info("drained" if clean else "drain timed out after %ss", timeout)
+        if clean:
+            log.info("drained")
+        else:
+            log.warning("drain timed out after %ss", timeout)
         return clean
 
     async def close(self) -> None:

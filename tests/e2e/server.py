@@ -1,0 +1,103 @@
+"""Run the real ``nacguard serve`` as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+__all__ = ["ServerProcess", "free_port", "start_server"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """A running ``nacguard serve`` process."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def logs(self) -> str:
+        """Everything the server has logged so far (JSON lines)."""
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to the server process."""
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit and return its status."""
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        """Terminate (then kill) the process if it still runs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def _command() -> list[str]:
+    exe = shutil.which("nacguard")
+    return [exe, "serve"] if exe else [sys.executable, "-m", "nacguard.cli", "serve"]
+
+
+def start_server(
+    profile: Path, log_path: Path, *, ready_within: float = 60.0, **settings: object
+) -> ServerProcess:
+    """Start ``nacguard serve`` for ``profile`` with ``NACGUARD_*`` settings; wait until ready.
+
+    Args:
+        profile: the bundle to serve.
+        log_path: where the server's output goes.
+        ready_within: seconds to wait for ``/readyz`` to answer 200.
+        settings: Settings fields, passed as ``NACGUARD_<NAME>`` environment variables.
+
+    Raises:
+        RuntimeError: the process exited, or was not ready in time (its log is in the message).
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NACGUARD_")}
+    env.update(
+        NACGUARD_PROFILE=str(profile),
+        NACGUARD_HOST="127.0.0.1",
+        NACGUARD_PORT=str(port),
+        NACGUARD_TORCH_THREADS="1",
+    )
+    for name, value in settings.items():
+        env[f"NACGUARD_{name.upper()}"] = str(value)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(_command(), env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+    deadline = time.monotonic() + ready_within
+    with httpx.Client(base_url=server.url, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"server not ready within {ready_within}s:\n{server.logs()}")
