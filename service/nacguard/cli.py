@@ -54,6 +54,7 @@ def _load_model_for_build(
     import torch
 
     from nacguard.models.bundle import load_bundle
+    from nacguard.models.demo import FashionCNN, demo_config
     from nacguard.models.loading import build_model, load_state_dict, parse_model_spec
     from nacguard.models.preprocess import PRESETS, PreprocessSpec
 
@@ -65,6 +66,8 @@ def _load_model_for_build(
     ref = parse_model_spec(args.model, args.num_classes)
     torch.manual_seed(args.seed)  # a model without --weights is still the same on every rank
     model = build_model(ref)
+    if isinstance(model, FashionCNN):
+        ref["config"] = demo_config(model)  # record the defaults too
     if args.weights:
         model.load_state_dict(load_state_dict(Path(args.weights)), strict=True)
     elif ref["kind"] != "demo":
@@ -159,7 +162,7 @@ def _cmd_profile_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from nacguard.datasets import _is_image
+    from nacguard.datasets import is_image_file
     from nacguard.models.bundle import load_bundle
     from nacguard.models.preprocess import decode_image
 
@@ -167,7 +170,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     files: list[Path] = []
     for p in map(Path, args.paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and _is_image(f))
+            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
         elif p.is_file():
             files.append(p)
         else:
@@ -185,6 +188,50 @@ def _cmd_score(args: argparse.Namespace) -> int:
             print(
                 f"{flag} nac={r['nac_score']:.4f} {r['label']:<14} p={r['confidence']:.3f}  {r['path']}"
             )
+    return 0
+
+
+def _cmd_model_eval(args: argparse.Namespace) -> int:
+    from nacguard.datasets import load_source
+    from nacguard.models.model_eval import (
+        DEFAULT_LAYER,
+        evaluate_checkpoints,
+        parse_checkpoint,
+        write_report,
+    )
+    from nacguard.models.preprocess import PRESETS, PreprocessSpec
+    from nacguard.nac import LayerConfig
+
+    checkpoints = [parse_checkpoint(t, args.model, args.num_classes) for t in args.checkpoints]
+    all_demo = all(c.model_ref["kind"] == "demo" for c in checkpoints)
+    preset = args.preprocess or ("fashion-mnist" if all_demo else "imagenet")
+    spec = PRESETS.get(preset) or PreprocessSpec.from_dict(json.loads(preset))
+    layers = [LayerConfig.parse(t, DEFAULT_LAYER) for t in args.layers] if args.layers else None
+    ind = load_source(args.data, limit=args.limit, seed=args.seed)
+    shifted = {}
+    for item in args.shifted or []:
+        # NAME=SOURCE; a bare SOURCE (an existing folder, or a spec without "=") names itself.
+        name, sep, source = item.partition("=")
+        if Path(item).exists() or not sep:
+            name, source = Path(item).name or item, item
+        if not name or name in shifted:
+            raise ValueError(f"--shifted: missing or repeated name in {item!r}")
+        shifted[name] = load_source(source, limit=args.limit, seed=args.seed)
+    result = evaluate_checkpoints(
+        checkpoints,
+        ind,
+        spec,
+        shifted,
+        layers=layers,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if args.report:
+        write_report(result, Path(args.report))
     return 0
 
 
@@ -251,6 +298,40 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=3)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=_cmd_score)
+
+    me = sub.add_parser(
+        "model-eval",
+        help="rank checkpoints by NAC-ME on InD data; compare with accuracy on shifted data",
+    )
+    me.add_argument("--model", help="architecture of the checkpoints: demo[:k=v], torchvision:NAME")
+    me.add_argument(
+        "--checkpoints",
+        nargs="+",
+        required=True,
+        metavar="PATH[@SPEC]",
+        help="state dicts (.safetensors, or .pt/.pth loaded weights-only); @SPEC overrides --model",
+    )
+    me.add_argument("--num-classes", type=int)
+    me.add_argument("--preprocess", help="preset (imagenet, fashion-mnist) or a JSON spec")
+    me.add_argument(
+        "--data", required=True, help="labelled InD data the checkpoints were not trained on"
+    )
+    me.add_argument(
+        "--shifted", nargs="+", metavar="NAME=SOURCE", help="labelled shifted test sets"
+    )
+    me.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="NAME[:O:M:BETA]",
+        help="monitored layers (default avgpool:500:50:0.1, the paper's NAC-ME settings)",
+    )
+    me.add_argument("--limit", type=int, help="at most N images per source (seeded subset)")
+    me.add_argument("--seed", type=int, default=0)
+    me.add_argument("--batch-size", type=int, default=256)
+    me.add_argument("--device", default="cpu")
+    me.add_argument("--json", help="write the results as JSON to this file")
+    me.add_argument("--report", help="write report.md, results.json and scatter.png here")
+    me.set_defaults(func=_cmd_model_eval)
     return p
 
 

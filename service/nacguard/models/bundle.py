@@ -265,7 +265,10 @@ def save_bundle(
     """Write a bundle directory (created if needed) and return its path."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / MODEL_FILE))
+    if not _same_tensors(out / MODEL_FILE, state):
+        # Rewritten only when the weights changed, so rebuilding a profile in place keeps the
+        # weights file (and its sha256, part of the bundle identity) byte for byte.
+        save_file(state, str(out / MODEL_FILE))
     tensors: dict[str, torch.Tensor] = {}
     for lp in profile.layers:
         tensors[f"{lp.name}.edges"] = lp.edges.cpu().float().contiguous()
@@ -298,6 +301,18 @@ def save_bundle(
     }
     (out / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _same_tensors(file: Path, state: dict[str, torch.Tensor]) -> bool:
+    if not file.is_file():
+        return False
+    try:
+        existing = load_file(str(file))
+    except Exception:  # unreadable: overwrite it
+        return False
+    return existing.keys() == state.keys() and all(
+        existing[k].dtype == v.dtype and torch.equal(existing[k], v) for k, v in state.items()
+    )
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class PreprocessSpec:
 PRESETS: dict[str, PreprocessSpec] = {
     "imagenet": PreprocessSpec(),
     "fashion-mnist": PreprocessSpec(
-        mode="L", size=(28, 28), resize=None, mean=(0.2860,), std=(0.3530,)
+        mode="L", size=(28, 28), resize=None, mean=(0.2863,), std=(0.3532,)
     ),
 }
 
