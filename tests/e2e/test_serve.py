@@ -184,6 +184,23 @@ async def test_deadline_and_queue_full(batching_server: ServerProcess) -> None:
     assert late.json()["error"]["code"] == "deadline_exceeded"
 
 
+async def test_client_that_leaves_takes_its_images_out_of_the_queue(
+    batching_server: ServerProcess,
+) -> None:
+    (image,) = encoded_images(1, seed=545)
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=30) as c:
+        async with httpx.AsyncClient(base_url=batching_server.url, timeout=0.5) as impatient:
+            # The image would wait 10 s for batch-mates; the client gives up after 0.5 s.
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post("/predict", content=image, headers=PNG)
+        # Dropped on disconnect, long before its 10 s wait (or any deadline) would end.
+        await _poll(c, "/metrics", r"^nacguard_in_flight_images\{.*\} 0\.0$", within=5)
+        text = await _poll(c, "/metrics", r"^nacguard_queue_images\{.*\} 0\.0$", within=1)
+    assert re.search(
+        r'^nacguard_http_requests_total\{endpoint="/predict".*status="499"\} 1\.0$', text, re.M
+    )
+
+
 # --- SIGTERM -----------------------------------------------------------------------------------
 
 

@@ -68,7 +68,7 @@ class DeviceCompute:
         self._scoring = settings.scoring
         self._threads = settings.torch_threads
         self._buckets = list(settings.batch_buckets)
-        self._channels_last = settings.channels_last and bundle.device.type != "cpu"
+        self._channels_last = settings.channels_last
         self._seq = itertools.count()
         self._thread_ready = False
 
@@ -77,7 +77,7 @@ class DeviceCompute:
         # be made on the thread that runs the model.
         if self._threads:
             torch.set_num_threads(self._threads)
-        if self.bundle.device.type == "cuda":
+        if self.bundle.device.type == "cuda" and self.bundle.device.index is not None:
             torch.cuda.set_device(self.bundle.device)
         if self._channels_last:
             self.bundle.model.to(memory_format=torch.channels_last)

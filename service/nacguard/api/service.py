@@ -152,6 +152,11 @@ class Service:
         return self._ready.is_set() and not self.draining
 
     @property
+    def devices(self) -> list[str]:
+        """The devices with a runner (empty until loaded)."""
+        return [runner.name for runner in self._runners]
+
+    @property
     def requests_in_progress(self) -> int:
         """``/predict`` requests admitted and not yet answered."""
         return self._requests

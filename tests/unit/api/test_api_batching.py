@@ -94,3 +94,13 @@ async def test_queue_and_in_flight_gauges_are_read_at_scrape(make_api: ApiFactor
         assert re.search(r"^nacguard_queue_images\{.*\} 2\.0$", metrics, re.M)
         assert re.search(r"^nacguard_in_flight_images\{.*\} 2\.0$", metrics, re.M)
         waiting.cancel()
+
+
+async def test_one_runner_per_listed_device(make_api: ApiFactory) -> None:
+    images = encoded_images(6, seed=241)
+    async with make_api(device="cpu,cpu", max_batch_size=2, max_wait_ms=0) as api:
+        assert api.service.devices == ["cpu", "cpu"]
+        responses = await asyncio.gather(
+            *(api.client.post("/predict", content=d, headers=PNG) for d in images)
+        )
+    assert all(r.status_code == 200 for r in responses)

@@ -175,3 +175,11 @@ async def test_review_dir_receives_flagged_images(make_api: ApiFactory, tmp_path
     assert len(records) == flagged
     assert all("review-req" in path.name for path in records)
     assert len(list((tmp_path / "review").glob("*.png"))) == flagged
+
+
+async def test_channels_last_gives_the_same_scores(make_api: ApiFactory, tiny_bundle: Path) -> None:
+    images = encoded_images(3, seed=82)
+    async with make_api(channels_last=True) as api:
+        r = await api.client.post("/predict", files=multipart(images))
+    assert r.status_code == 200, r.text
+    _assert_matches(r.json()["predictions"], _expected(tiny_bundle, images))
