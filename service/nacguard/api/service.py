@@ -72,6 +72,15 @@ class PredictOutcome:
     after_response: Callable[[], Coroutine[Any, Any, None]] | None = None
 
 
+@dataclass(frozen=True)
+class _Computed:
+    """A computed image, kept until its side effects (cache, review) are done."""
+
+    raw: RawImage
+    content_type: str
+    prediction: Prediction
+
+
 class Admission:
     """A ``/predict`` request let in by :meth:`Service.admit`.
 
@@ -394,12 +403,12 @@ class Service:
         cached = await asyncio.gather(*(store.cache.get(raw.sha256) for raw in images))
         hits = {i: p for i, v in enumerate(cached) if v and (p := self._from_cache(v)) is not None}
         misses = [i for i in range(len(images)) if i not in hits]
-        decoded = await run_in_threadpool(
-            decode_images,
-            [images[i] for i in misses],
-            bundle.preprocess,
-            self.limits,
-            misses,
+        decoded = (
+            await run_in_threadpool(
+                decode_images, [images[i] for i in misses], bundle.preprocess, self.limits, misses
+            )
+            if misses
+            else []
         )
         admission.queued()
         submitted = time.monotonic()
@@ -422,7 +431,10 @@ class Service:
         )
         if results:
             self._add_drift([r.prediction.nac_score for r in results])
-            computed = [(images[i], decoded[k], results[k]) for k, i in enumerate(misses)]
+            computed = [
+                _Computed(images[i], decoded[k].content_type, results[k].prediction)
+                for k, i in enumerate(misses)
+            ]
 
             async def after_response() -> None:
                 await self._record(computed, request_id, store)
@@ -441,12 +453,12 @@ class Service:
             raise self._not_ready()
         return self.bundle, self.batcher, self.store, self.metrics
 
-    async def _record(self, computed: list[Any], request_id: str, store: Store) -> None:
+    async def _record(self, computed: list[_Computed], request_id: str, store: Store) -> None:
         """Cache computed results and record flagged images for review."""
         now = time.time()
         calls = []
-        for raw, image, result in computed:
-            p: Prediction = result.prediction
+        for item in computed:
+            raw, p = item.raw, item.prediction
             calls.append(store.cache.put(raw.sha256, self._to_cache(p)))
             if p.ood:
                 record = ReviewRecord(
@@ -457,7 +469,7 @@ class Service:
                     threshold=p.threshold,
                     time=now,
                     image=raw.data,
-                    content_type=image.content_type,
+                    content_type=item.content_type,
                 )
                 calls.append(store.review.append(record))
         await asyncio.gather(*calls)
