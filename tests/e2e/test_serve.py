@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 
 from nacguard.models.bundle import load_bundle
-from tests.e2e.server import ServerProcess, start_server
+from tests.e2e.server import ServerProcess, free_port, start_server
 from tests.fixtures.bundles import encoded_images
 
 PNG = {"Content-Type": "image/png"}
@@ -280,3 +281,19 @@ def test_missing_profile_fails_fast(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "not a profile bundle" in result.stderr
+
+
+def test_broken_profile_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "bundle.json").write_text('{"schema_version": 999}')
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "nacguard.cli", "serve", "--profile", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NACGUARD_PORT": str(port)},
+    )
+    # The listener was up (liveness answered while loading); the load failure stops the server.
+    assert result.returncode == 1
+    assert "cannot serve" in result.stderr
+    assert "schema version" in result.stderr

@@ -102,10 +102,34 @@ def _prediction_json(outcome: PredictOutcome, top_k: int) -> list[dict[str, Any]
     return out
 
 
+def _header(description: str, kind: str = "string") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+_PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "One prediction per image, in request order.",
+        "headers": {
+            "X-Request-ID": _header("The client's request id, or a generated one."),
+            "X-Queue-Time-Ms": _header(
+                "From queueing until the request's last batch started.", "number"
+            ),
+            "X-Inference-Time-Ms": _header("Compute time of the request's batches.", "number"),
+            "X-Batch-Sizes": _header(
+                "Sizes of the batches the request's images ran in, comma-separated "
+                "(batches are shared with other requests' images)."
+            ),
+            "X-Cache-Hits": _header("Images answered from the result cache.", "integer"),
+        },
+    },
+    **ERROR_RESPONSES,
+}
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
-    responses=ERROR_RESPONSES,
+    responses=_PREDICT_RESPONSES,
     openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
     summary="Classify images and screen them for out-of-distribution inputs",
 )

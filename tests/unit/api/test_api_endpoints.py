@@ -95,6 +95,9 @@ async def test_openapi_declares_bodies_and_errors(api: Api) -> None:
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     params = {p["name"]: p for p in post["parameters"]}
     assert {"top_k", "x-timeout-ms"} <= set(params)
+    assert "X-Batch-Sizes" in post["responses"]["200"]["headers"]
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(spec)
 
 
 async def test_access_log_has_request_fields_and_no_content(
