@@ -7,16 +7,35 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 import nacguard
 from nacguard.settings import Settings
 
+from .auth import ApiKeyMiddleware, ApiKeys, document_api_keys, load_api_keys
 from .errors import install_error_handler
-from .middleware import RequestContextMiddleware
+from .middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from .routes import router
 from .service import Service
 
 __all__ = ["create_app"]
+
+# What a browser page on an allowed origin may send and read (CORS).
+_CORS_REQUEST_HEADERS = [
+    "Content-Type",
+    "Authorization",
+    "X-API-Key",
+    REQUEST_ID_HEADER,
+    "X-Timeout-Ms",
+]
+_CORS_RESPONSE_HEADERS = [
+    REQUEST_ID_HEADER,
+    "X-Queue-Time-Ms",
+    "X-Inference-Time-Ms",
+    "X-Batch-Sizes",
+    "X-Cache-Hits",
+    "Retry-After",
+]
 
 _DESCRIPTION = """Classifies images and screens each one for out-of-distribution inputs with
 Neuron Activation Coverage (NAC): every prediction carries a NAC score and an OOD flag.
@@ -33,11 +52,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     server answers ``/healthz`` while loading; ``/readyz`` turns 200 once the model is loaded
     and warmed up. On exit it drains (if no drain ran yet) and releases the store and runners.
 
+    Middleware, outermost first: request context (id, access log, metrics, last-resort 500),
+    CORS (only with ``cors_origins``; outside authentication, so preflights need no key and a
+    401 still carries the CORS headers a browser needs to read it), API keys (only with keys
+    configured).
+
     Args:
         settings: the validated settings; ``Settings()`` (environment) when omitted.
 
     Returns:
         The app; its service is ``app.state.service``.
+
+    Raises:
+        ValueError: ``api_keys_file`` is set but unreadable or empty.
     """
     settings = settings if settings is not None else Settings()
     service = Service(settings)
@@ -61,6 +88,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.state.settings = settings
     install_error_handler(app)
-    app.add_middleware(RequestContextMiddleware)
     app.include_router(router)
+    # add_middleware puts each new one outside the previous ones.
+    keys = load_api_keys(settings)
+    if keys:
+        app.add_middleware(
+            ApiKeyMiddleware, keys=ApiKeys(keys), exempt_paths=list(settings.auth_exempt_paths)
+        )
+        document_api_keys(app, list(settings.auth_exempt_paths))
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=_CORS_REQUEST_HEADERS,
+            expose_headers=_CORS_RESPONSE_HEADERS,
+            # Keys travel in headers, never in cookies: no credentialed requests.
+            allow_credentials=False,
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware)
     return app

@@ -26,7 +26,13 @@ from nacguard import errors
 
 from .schemas import ErrorResponse
 
-__all__ = ["ERROR_RESPONSES", "error_response", "install_error_handler", "retry_after_header"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "WWW_AUTHENTICATE",
+    "error_response",
+    "install_error_handler",
+    "retry_after_header",
+]
 
 log = logging.getLogger("nacguard.api")
 
@@ -54,6 +60,9 @@ _RETRY = {
         "schema": {"type": "integer"},
     }
 }
+
+#: ``WWW-Authenticate`` challenge of a 401 (RFC 9110: a 401 must carry one).
+WWW_AUTHENTICATE = 'Bearer realm="nacguard"'
 
 #: OpenAPI ``responses`` of the error statuses ``/predict`` can answer.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -111,6 +120,8 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
         retry = retry_after_header(exc.retry_after)
         if retry is not None:
             headers["Retry-After"] = retry
+        if isinstance(exc, errors.AuthenticationRequired):
+            headers["WWW-Authenticate"] = WWW_AUTHENTICATE
         reason = next((r for t, r in _REASONS.items() if isinstance(exc, t)), None)
         if reason is not None:
             _count_rejection(request, reason)

@@ -92,3 +92,6 @@ def configure_logging(settings: Settings) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # Pillow logs a line per chunk of every decoded image at debug level: volume that clients
+    # control, about their uploads. Kept at info even when everything else is at debug.
+    logging.getLogger("PIL").setLevel(max(logging.INFO, root.level))
