@@ -112,10 +112,19 @@ PRESETS: dict[str, PreprocessSpec] = {
 
 def normalize_mode(image: Image.Image, mode: str, background: int = 0) -> Image.Image:
     """Bring any Pillow image to mode "L" or "RGB" (see module docstring)."""
-    if getattr(image, "n_frames", 1) > 1:
+    # tell(), not n_frames: counting the frames of an animated GIF walks all of them (a 8 MB
+    # GIF of 1x1 frames has hundreds of thousands), and only the first one is used.
+    if image.tell() != 0:
         image.seek(0)
     image = ImageOps.exif_transpose(image) or image
     src = image.mode
+    if src in {"1", "L", "RGB"} and "transparency" in image.info:
+        # A tRNS colour key (PNG): those pixels are transparent, like palette transparency.
+        image = image.convert("LA" if src == "L" else "RGBA")
+        src = image.mode
+    elif src in {"La", "RGBa"}:  # premultiplied alpha (TIFF "associated alpha")
+        image = image.convert("LA" if src == "La" else "RGBA")
+        src = image.mode
     if src in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
         arr = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if src.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
@@ -170,7 +179,11 @@ def decode_image(
     except (BadImage, UnsupportedMediaType, PayloadTooLarge):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"image too large: {exc}") from None
+        # Pillow's own bomb check (far above any sane limit) fired first; its message names
+        # Pillow's threshold, not the one the client is held to.
+        raise PayloadTooLarge(
+            f"image too large: more than the limit of {max_pixels} pixels ({type(exc).__name__})"
+        ) from None
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise BadImage(f"cannot decode image: {type(exc).__name__}") from None
     return image
