@@ -56,8 +56,9 @@ _INLINE_PARSE_BYTES = 64 * 1024
 _NOT_READY: dict[int | str, dict[str, Any]] = {503: ERROR_RESPONSES[503]}
 
 
-def get_service(request: Request) -> Service:
-    """The app's service (dependency)."""
+async def get_service(request: Request) -> Service:
+    """The app's service (dependency). Async on purpose: FastAPI runs a sync dependency in its
+    thread pool, a hop to a worker thread and back on every request for one attribute read."""
     service: Service = request.app.state.service
     return service
 
