@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 import nacguard
 from nacguard.engine import Batcher, Runner
-from nacguard.errors import BundleError, NotReady, ShuttingDown
+from nacguard.errors import BundleError, InferenceFailed, NotReady, ShuttingDown
 from nacguard.models.bundle import Bundle, Prediction, load_bundle
 from nacguard.monitoring import DriftReport, Metrics, drift_report
 from nacguard.settings import Settings
@@ -412,7 +412,16 @@ class Service:
         )
         admission.queued()
         submitted = time.monotonic()
-        results = await batcher.submit([d.tensor for d in decoded], deadline) if decoded else []
+        try:
+            results = await batcher.submit([d.tensor for d in decoded], deadline) if decoded else []
+        except InferenceFailed as exc:
+            # The engine's message carries the model's exception text (allocator state, shapes,
+            # paths): it belongs in the log, with the request id, not in the client's answer.
+            log.warning("inference failed for %d image(s): %s", len(decoded), exc.message)
+            raise InferenceFailed(
+                "inference failed for a batch holding this request's images; the server keeps "
+                "serving, so a retry may succeed"
+            ) from None
 
         predictions: list[Prediction | None] = [hits.get(i) for i in range(len(images))]
         for i, result in zip(misses, results, strict=True):
