@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +12,9 @@ from torch import nn
 from nacguard.nac.baselines import energy, msp
 from nacguard.nac.coverage import layer_scores, padded_table
 from nacguard.nac.profile import NacProfile
-from nacguard.nac.states import StateExtractor
+from nacguard.nac.states import ForwardStates, StateExtractor
+
+log = logging.getLogger(__name__)
 
 __all__ = ["NacScorer", "ScoreBatch"]
 
@@ -39,11 +43,16 @@ class ScoreBatch:
 class NacScorer:
     """Scores batches against a fitted profile.
 
+    Under autocast a batch whose logits or states are not finite (an fp16 overflow) is scored
+    again in fp32, with one warning per scorer, so an overflow never yields garbage scores.
+
     Args:
         model: the classifier (eval mode, on ``device``).
         profile: the fitted profile.
         device: the device the model lives on; tables are moved there once.
         autocast_dtype: optional autocast dtype for the forward (states stay fp32).
+        states_fn: optional replacement for the state computation (e.g. a compiled one); it
+            must compute what ``self.extractor`` computes. Default: the extractor itself.
     """
 
     def __init__(
@@ -53,18 +62,41 @@ class NacScorer:
         *,
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
+        states_fn: Callable[[torch.Tensor], ForwardStates] | None = None,
     ) -> None:
         self.profile = profile.to(device)
-        self.extractor = StateExtractor(
-            model, {lp.name: lp.config.beta for lp in profile.layers}, autocast_dtype=autocast_dtype
-        )
+        self.model = model
+        self.betas = {lp.name: lp.config.beta for lp in profile.layers}
+        self.extractor = StateExtractor(model, self.betas, autocast_dtype=autocast_dtype)
+        self.states_fn: Callable[[torch.Tensor], ForwardStates] = states_fn or self.extractor
+        self._fp32: StateExtractor | None = None
+        self._warned_overflow = False
         self._tables = [
             (lp.name, lp.edges, padded_table(lp.coverage())) for lp in self.profile.layers
         ]
 
+    def _states(self, x: torch.Tensor) -> ForwardStates:
+        result = self.states_fn(x)
+        if self.extractor.autocast_dtype is None:
+            return result
+        checks = [torch.isfinite(result.logits).all()]
+        checks += [torch.isfinite(s).all() for s in result.states.values()]
+        if bool(torch.stack(checks).all()):
+            return result
+        if not self._warned_overflow:
+            self._warned_overflow = True
+            log.warning(
+                "non-finite logits or NAC states under %s autocast (overflow); scoring such "
+                "batches in fp32",
+                self.extractor.autocast_dtype,
+            )
+        if self._fp32 is None:
+            self._fp32 = StateExtractor(self.model, self.betas)
+        return self._fp32(x)
+
     def __call__(self, x: torch.Tensor) -> ScoreBatch:
         """Score a preprocessed batch ``x`` already on the device."""
-        result = self.extractor(x)
+        result = self._states(x)
         with torch.inference_mode():
             per_layer = torch.stack(
                 [

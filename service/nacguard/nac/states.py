@@ -12,6 +12,13 @@ KL(u || p)). Two exact fast paths replace the reference's one-backward-per-layer
 
 Each sample's loss depends on that sample alone (eval mode), so ``sum_b L_b`` gives per-sample
 gradients and results do not depend on batch composition.
+
+Mixed precision (``autocast_dtype`` bf16/fp16) keeps fp32 where the states are sensitive, since a
+state is ``sigmoid(beta * s)`` and beta reaches the thousands: the head (the last ``nn.Linear``)
+runs in fp32 on its input, so the logits and ``p - 1/C`` are not rounded to 8 bits of mantissa;
+monitored average-pooling layers read their input in fp32, so pooled features are not rounded
+either; pooled sums and states are fp32; and fp16 backward passes scale the loss by a power of two
+(exact to undo) so small gradients do not flush to zero. In fp32 none of this changes a bit.
 """
 
 from __future__ import annotations
@@ -21,9 +28,39 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ForwardStates", "StateExtractor", "pool_states", "resolve_modules", "uniform_loss"]
+__all__ = [
+    "FP16_LOSS_SCALE",
+    "ForwardStates",
+    "StateExtractor",
+    "find_head",
+    "fp32_linear",
+    "head_states",
+    "pool_states",
+    "reads_fp32",
+    "resolve_modules",
+    "sum_spatial",
+    "uniform_loss",
+]
+
+#: Loss scale of fp16 backward passes. A power of two, so dividing the gradients by it is exact;
+#: 2**10 lifts gradients of ~1e-5 (typical of early conv stages) well above fp16's subnormal range
+#: while leaving three orders of magnitude of headroom below its maximum (65504). A pass that
+#: overflows anyway is redone unscaled.
+FP16_LOSS_SCALE = 1024.0
+
+# Monitored modules of these types average many values; under autocast they read their input in
+# fp32 so the pooled features keep full precision (a pure gain: pooling has no weights to cast).
+_AVERAGING = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+)
 
 _Hook = Callable[[nn.Module, object, torch.Tensor], torch.Tensor | None]
 
@@ -55,21 +92,74 @@ def uniform_loss(logits: torch.Tensor) -> torch.Tensor:
     return -torch.log_softmax(logits.float(), dim=1).mean(dim=1)
 
 
-def _sum_spatial(t: torch.Tensor) -> torch.Tensor:
-    """Sum-pool to [B, N]: over H, W for [B, N, H, W]; over tokens for [B, T, D] (ViT)."""
+def sum_spatial(t: torch.Tensor) -> torch.Tensor:
+    """Sum-pool to fp32 [B, N]: over H, W for [B, N, H, W]; over tokens for [B, T, D] (ViT).
+
+    Half-precision inputs are accumulated in fp32 without an fp32 copy of the whole tensor (for
+    fp32 inputs ``dtype=`` is a no-op, so fp32 results are unchanged).
+    """
     if t.dim() == 4:
-        return t.sum(dim=(2, 3))
+        return t.sum(dim=(2, 3), dtype=torch.float32)
     if t.dim() == 3:
-        return t.sum(dim=1)
+        return t.sum(dim=1, dtype=torch.float32)
     if t.dim() == 2:
-        return t
+        return t.float()
     raise ValueError(f"cannot pool a monitored output of shape {tuple(t.shape)}")
 
 
 def pool_states(z: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
     """``sigmoid(beta * sum_hw(z) * sum_hw(g))`` in fp32, [B, N]."""
-    s = _sum_spatial(z.float()) * _sum_spatial(g.float())
+    s = sum_spatial(z) * sum_spatial(g)
     return torch.sigmoid(beta * s)
+
+
+def find_head(model: nn.Module) -> nn.Linear | None:
+    """The classifier head: the model's last ``nn.Linear`` (None if it has none)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def fp32_linear(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` computed in fp32 with autocast off (differentiable)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        return F.linear(x.float(), head.weight.float(), bias)
+
+
+def reads_fp32(module: nn.Module) -> bool:
+    """Whether a monitored module reads its input in fp32 under autocast (average pools)."""
+    return isinstance(module, _AVERAGING)
+
+
+def head_states(
+    logits: torch.Tensor,
+    features: dict[str, torch.Tensor],
+    head: nn.Linear,
+    betas: dict[str, float],
+) -> dict[str, torch.Tensor]:
+    """States of layers that are the head's input, from the analytic gradient ``(p - 1/C) W``.
+
+    Args:
+        logits: [B, C] logits.
+        features: monitored name -> output (any shape that flattens to the head's [B, D] input).
+        head: the final linear layer.
+        betas: monitored name -> beta.
+
+    Returns:
+        name -> fp32 states [B, D].
+    """
+    # dL/dlogits (= p - 1/C) by autograd on the [B, C] logits alone: a negligible graph, and the
+    # very floats the full backward would give (the product below cancels strongly, so a
+    # differently rounded closed form would move states by ~1e-6).
+    with torch.enable_grad():
+        leaf = logits.detach().float().clone().requires_grad_(True)
+        (dlogits,) = torch.autograd.grad(uniform_loss(leaf).sum(), leaf)
+    with torch.inference_mode():
+        g = dlogits.mm(head.weight.float())
+        return {
+            name: torch.sigmoid(betas[name] * z.float().reshape(g.shape) * g)
+            for name, z in features.items()
+        }
 
 
 class StateExtractor:
@@ -99,15 +189,20 @@ class StateExtractor:
         self.autocast_dtype = autocast_dtype
         self._modules = resolve_modules(model, list(betas))
         model.requires_grad_(False)
-        self._head = self._find_head(model)
+        self._head = find_head(model)
         # None: not yet known whether every monitored output feeds the head; decided on the
         # first call by comparing storage, then fixed.
         self._analytic: bool | None = None if self._head is not None else False
 
-    @staticmethod
-    def _find_head(model: nn.Module) -> nn.Linear | None:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        return linears[-1] if linears else None
+    @property
+    def head(self) -> nn.Linear | None:
+        """The final linear layer (None if the model has none)."""
+        return self._head
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on the loss of backward passes (> 1 only for fp16, see module docstring)."""
+        return FP16_LOSS_SCALE if self.autocast_dtype == torch.float16 else 1.0
 
     @property
     def analytic(self) -> bool | None:
@@ -131,9 +226,32 @@ class StateExtractor:
     def _autocast(self, x: torch.Tensor) -> Iterator[None]:
         if self.autocast_dtype is None:
             yield
-        else:
+            return
+        handles = []
+        if self._head is not None:
+
+            def head_fp32(m: nn.Module, args: tuple[torch.Tensor, ...], _out: object) -> object:
+                # Replaces the autocast output by the fp32 one; the head is a small matmul.
+                assert isinstance(m, nn.Linear)
+                return fp32_linear(m, args[0])
+
+            handles.append(self._head.register_forward_hook(head_fp32))
+
+        def input_fp32(_m: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+            return tuple(
+                a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args
+            )
+
+        for module in self._modules.values():
+            if reads_fp32(module):
+                handles.append(module.register_forward_pre_hook(input_fp32))
+        try:
             with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
                 yield
+        finally:
+            for h in handles:
+                h.remove()
 
     @contextlib.contextmanager
     def _hooks(self, make_hook: Callable[[str], _Hook]) -> Iterator[None]:
@@ -171,22 +289,22 @@ class StateExtractor:
         )
         if not feeds_head:
             return None, False
-        # dL/dlogits (= p - 1/C) by autograd on the [B, C] logits alone: a negligible graph,
-        # and the very floats the full backward would give (the product below cancels strongly,
-        # so a differently rounded closed form would move states by ~1e-6).
-        with torch.enable_grad():
-            leaf = logits.detach().float().clone().requires_grad_(True)
-            (dlogits,) = torch.autograd.grad(uniform_loss(leaf).sum(), leaf)
-        with torch.inference_mode():
-            g = dlogits.mm(self._head.weight.float())
-            states = {
-                name: torch.sigmoid(self.betas[name] * z.float().reshape(g.shape) * g)
-                for name, z in outputs.items()
-            }
+        states = head_states(logits, outputs, self._head, self.betas)
         return ForwardStates(logits=logits, states=states), True
 
     def _autograd(self, x: torch.Tensor) -> ForwardStates:
         """One forward with a graph starting at the earliest monitored output, one grad call."""
+        scale = self.loss_scale
+        if scale != 1.0:
+            result = self._autograd_scaled(x, scale)
+            if result is not None:
+                return result
+        result = self._autograd_scaled(x, 1.0)
+        assert result is not None  # unscaled passes are returned whatever they hold
+        return result
+
+    def _autograd_scaled(self, x: torch.Tensor, scale: float) -> ForwardStates | None:
+        """The autograd path with the loss multiplied by ``scale``; None if that overflowed."""
         outputs: dict[str, torch.Tensor] = {}
 
         def capture(name: str) -> _Hook:
@@ -208,12 +326,20 @@ class StateExtractor:
             torch.set_grad_enabled(True)  # restored by the no_grad context on exit
             names = list(outputs)
             loss = uniform_loss(logits).sum()
+            if scale != 1.0:
+                loss = loss * scale
             grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
         states = {}
         with torch.no_grad():
+            if scale != 1.0:
+                finite = [torch.isfinite(g).all() for g in grads if g is not None]
+                if finite and not bool(torch.stack(finite).all()):
+                    return None
             for name, g in zip(names, grads, strict=True):
                 z = outputs[name].detach()
-                states[name] = pool_states(
-                    z, torch.zeros_like(z) if g is None else g, self.betas[name]
-                )
+                if g is None:
+                    g = torch.zeros_like(z)
+                elif scale != 1.0:
+                    g = g.float() / scale  # a power of two: exact
+                states[name] = pool_states(z, g, self.betas[name])
         return ForwardStates(logits=logits.detach(), states=states)
