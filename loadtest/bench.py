@@ -1,0 +1,785 @@
+"""The performance benchmark behind the README's numbers: one run, one machine, every comparison.
+
+Starts ``nacguard serve`` once per configuration (all at the start, each on its own loopback
+port), then drives them with an async client, interleaving the configurations round by round so
+that noise from anything else on the machine hits all of them alike::
+
+    python loadtest/bench.py --out bench-out          # full run, ~4-5 minutes on 2 cores
+    python loadtest/bench.py --quick --out /tmp/b     # smoke run, well under a minute
+
+What it measures (the demo profile unless ``--profile``; single-image requests, 20% generated
+OOD images, raw/multipart/JSON bodies in turn, unless told otherwise):
+
+1. **Closed loop** at ``--concurrency`` clients (32), ``--rounds`` interleaved rounds:
+   dynamic batching (the server defaults) against ``max_batch_size=1``; NAC screening against
+   plain classification (``scoring=false``); the result cache on against off, both fed the same
+   requests drawn from a small set of repeated images.
+2. **Latency against throughput**: closed loops at other concurrencies (batching and
+   ``max_batch_size=1``) and open loops on the batching server at fractions of its measured
+   closed-loop saturation throughput: 0.5x (the latency target) and 2x (overload: only
+   explicit 429/503 rejections are allowed), plus a few points in between.
+3. **NAC fast path against the reference-style computation**, in-process (no HTTP: the
+   reference is a baseline, not a server option) on the demo model, at batch 1 and at larger
+   batches, round-robin.
+
+Outputs in ``--out``: ``bench.json`` (every run, with status codes, latency percentiles, batch
+sizes from the ``nacguard_batch_size_images`` histogram and CPU per request), ``bench.md`` (the
+tables and the targets, pass or miss) and ``latency_throughput.png``.
+
+Servers run with the benchmark defaults of :mod:`loadtest.batching_bench` (result cache off
+except where the cache is compared, warning-level logs, half the cores for torch); ``--set
+NAME=VALUE`` adds settings to every server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `loadtest` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
+from loadtest.drivers import RunResult, closed_loop, merge_runs, open_loop
+from loadtest.workload import ENCODINGS, Payload, build_payloads
+
+__all__ = [
+    "CONFIGS",
+    "BenchPlan",
+    "ServerConfig",
+    "Target",
+    "main",
+    "nac_in_process",
+    "run_bench",
+    "write_outputs",
+]
+
+log = logging.getLogger("nacguard.bench")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One server configuration.
+
+    Attributes:
+        name: short key (``batching``, ``no-batching``, ``plain``, ``cache``).
+        overrides: settings on top of the benchmark defaults.
+        description: what it is, for the tables.
+    """
+
+    name: str
+    overrides: Mapping[str, object]
+    description: str
+
+
+CONFIGS: tuple[ServerConfig, ...] = (
+    ServerConfig("batching", {}, "dynamic batching (server defaults), NAC on, cache off"),
+    ServerConfig("no-batching", {"max_batch_size": 1}, "max_batch_size=1, NAC on, cache off"),
+    ServerConfig("plain", {"scoring": False}, "dynamic batching, scoring=false (no NAC)"),
+    ServerConfig("cache", {"cache_enabled": True}, "dynamic batching, NAC on, result cache on"),
+)
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """How long and how hard to drive each configuration.
+
+    Attributes:
+        concurrency: closed-loop clients for the comparisons.
+        rounds: interleaved rounds of the closed-loop comparisons.
+        duration_s: measured seconds per configuration and round.
+        warmup_s: unrecorded seconds before each measured window.
+        sweep: further closed-loop concurrencies for the latency/throughput curves.
+        sweep_duration_s: measured seconds per sweep point.
+        open_fractions: open-loop arrival rates as fractions of the saturation throughput.
+        open_duration_s: measured seconds of the 0.5x and 2x open loops.
+        open_point_duration_s: measured seconds of the other open-loop points.
+        images_per_request: request sizes to draw from.
+        ood_fraction: share of generated OOD images.
+        encodings: request encodings to draw from.
+        repeated_images: distinct images behind the cache comparison's requests.
+        inproc_batches: batch sizes of the in-process fast vs reference comparison.
+        inproc_rounds: its round-robin rounds.
+        inproc_min_s: least seconds per variant, batch size and round.
+    """
+
+    concurrency: int = 32
+    rounds: int = 3
+    duration_s: float = 4.0
+    warmup_s: float = 1.0
+    sweep: tuple[int, ...] = (1, 4, 16, 64)
+    sweep_duration_s: float = 3.0
+    open_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 2.0)
+    open_duration_s: float = 12.0
+    open_point_duration_s: float = 4.0
+    images_per_request: tuple[int, ...] = (1,)
+    ood_fraction: float = 0.2
+    encodings: tuple[str, ...] = ENCODINGS
+    repeated_images: int = 64
+    inproc_batches: tuple[int, ...] = (1, 16, 64)
+    inproc_rounds: int = 5
+    inproc_min_s: float = 0.4
+
+    @classmethod
+    def quick(cls) -> BenchPlan:
+        """Tiny durations: checks that everything runs and writes its outputs (smoke test)."""
+        return cls(
+            rounds=1,
+            duration_s=1.0,
+            warmup_s=0.3,
+            sweep=(4,),
+            sweep_duration_s=0.8,
+            open_fractions=(0.5, 2.0),
+            open_duration_s=1.0,
+            open_point_duration_s=0.8,
+            repeated_images=16,
+            inproc_batches=(1, 16),
+            inproc_rounds=1,
+            inproc_min_s=0.05,
+        )
+
+
+@dataclass
+class Target:
+    """One published target and whether this run met it.
+
+    Attributes:
+        name: what is promised.
+        value: the measured figure.
+        threshold: the bound.
+        higher_is_better: ``value >= threshold`` passes (else ``value <= threshold``).
+        detail: how the figure was obtained.
+        met: whether it passed.
+    """
+
+    name: str
+    value: float
+    threshold: float
+    higher_is_better: bool
+    detail: str
+    met: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        ok = self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+        self.met = bool(ok) and not math.isnan(self.value)
+
+
+# --- servers -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _servers(
+    configs: Sequence[ServerConfig],
+    profile: Path | None,
+    extra: Mapping[str, object],
+    log_dir: Path,
+) -> Iterator[dict[str, RunningServer]]:
+    """Start every configuration at once (startup is mostly waiting on imports) and stop them
+    all at the end, also on errors."""
+    running: dict[str, RunningServer] = {}
+
+    def start(cfg: ServerConfig) -> tuple[str, RunningServer]:
+        settings = {**BENCH_DEFAULTS, **extra, **cfg.overrides}
+        server = start_server(profile, settings, log_path=log_dir / f"server-{cfg.name}.log")
+        return cfg.name, server
+
+    pool = ThreadPoolExecutor(len(configs))
+    try:
+        futures = [pool.submit(start, cfg) for cfg in configs]
+        errors = []
+        for future in futures:
+            try:
+                name, server = future.result()
+                running[name] = server
+            except RuntimeError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        yield running
+    finally:
+        list(pool.map(lambda s: s.stop(), running.values()))
+        pool.shutdown()
+
+
+# --- the in-process comparison -------------------------------------------------------------------
+
+
+def nac_in_process(
+    profile: Path | None,
+    batches: Sequence[int],
+    *,
+    rounds: int,
+    min_s: float,
+    threads: int,
+) -> list[dict[str, Any]]:
+    """Images/s of the NAC fast path, plain classification and the reference-style NAC.
+
+    Runs in this process on the CPU with ``threads`` intra-op threads (the servers' setting),
+    variants round-robin, median over ``rounds``. The reference runs on a copy of the model
+    whose parameters require grad, as the authors' code does; its scores are checked against
+    the fast path's first.
+
+    Returns:
+        One row per batch size: ``batch``, ``fast_ips``, ``plain_ips``, ``reference_ips``,
+        ``fast_over_reference`` and ``fast_over_plain``.
+    """
+    import torch
+
+    from nacguard.models.bundle import load_bundle
+    from nacguard.nac.reference import reference_scores
+    from nacguard.settings import DEMO_PROFILE
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bundle = load_bundle(profile or DEMO_PROFILE, "cpu")
+        ref_model = copy.deepcopy(bundle.model)
+        for p in ref_model.parameters():
+            p.requires_grad_(True)
+        spec = bundle.preprocess
+        gen = torch.Generator().manual_seed(0)
+        rows = []
+        for batch in batches:
+            x = torch.randn(batch, spec.channels, *spec.size, generator=gen)
+            torch.testing.assert_close(
+                bundle.score(x).nac.cpu(),
+                reference_scores(ref_model, bundle.profile, x).cpu(),
+                atol=1e-4,
+                rtol=0,
+            )
+            variants: dict[str, Callable[[], object]] = {
+                "fast": lambda x=x: bundle.score(x),
+                "plain": lambda x=x: bundle.classify(x),
+                "reference": lambda x=x: reference_scores(ref_model, bundle.profile, x),
+            }
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            for fn in variants.values():
+                fn()
+            for _ in range(rounds):
+                for name, fn in variants.items():
+                    calls = 0
+                    t0 = time.perf_counter()
+                    while (elapsed := time.perf_counter() - t0) < min_s or calls < 2:
+                        fn()
+                        calls += 1
+                    times[name].append(calls * batch / elapsed)
+            ips = {k: statistics.median(v) for k, v in times.items()}
+            rows.append(
+                {
+                    "batch": batch,
+                    "fast_ips": ips["fast"],
+                    "plain_ips": ips["plain"],
+                    "reference_ips": ips["reference"],
+                    "fast_over_reference": ips["fast"] / ips["reference"],
+                    "fast_over_plain": ips["fast"] / ips["plain"],
+                }
+            )
+        return rows
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _payloads(plan: BenchPlan, size: int) -> tuple[list[Payload], list[Payload]]:
+    encodings: Any = plan.encodings
+    unique = build_payloads(
+        1024,
+        images_per_request=plan.images_per_request,
+        ood_fraction=plan.ood_fraction,
+        encodings=encodings,
+        size=size,
+        seed=0,
+    )
+    repeated = build_payloads(
+        512,
+        images_per_request=plan.images_per_request,
+        ood_fraction=plan.ood_fraction,
+        encodings=encodings,
+        distinct_images=plan.repeated_images,
+        size=size,
+        seed=1,
+    )
+    return unique, repeated
+
+
+def _input_size(profile: Path | None) -> int:
+    from nacguard.settings import DEMO_PROFILE
+
+    meta = json.loads(((profile or DEMO_PROFILE) / "bundle.json").read_text())
+    return int(meta["preprocess"]["size"][0])
+
+
+def _log_run(r: RunResult) -> None:
+    log.info(
+        "  %-34s %8.1f img/s  p50 %7.1f  p99 %7.1f ms  batch %5.1f  codes %s",
+        r.label,
+        r.images_per_s,
+        r.p50_ms,
+        r.p99_ms,
+        r.mean_batch,
+        r.status_codes,
+    )
+
+
+def run_bench(
+    plan: BenchPlan,
+    *,
+    profile: Path | None = None,
+    extra: Mapping[str, object] | None = None,
+    log_dir: Path,
+) -> dict[str, Any]:
+    """Run every comparison (see the module docstring) and return the report (JSON-able).
+
+    Args:
+        plan: durations and workload.
+        profile: bundle to serve (``None``: the demo profile).
+        extra: settings added to every server.
+        log_dir: where the servers' logs go.
+    """
+    started = time.perf_counter()
+    extra = dict(extra or {})
+    unique, repeated = _payloads(plan, _input_size(profile))
+    closed: dict[str, list[RunResult]] = {}
+    sweep: list[RunResult] = []
+    opened: list[RunResult] = []
+    with _servers(CONFIGS, profile, extra, log_dir) as servers:
+        log.info("servers ready after %.0fs", time.perf_counter() - started)
+
+        def closed_run(key: str, server: str, payloads: Sequence[Payload], **kw: Any) -> RunResult:
+            s = servers[server]
+            kw.setdefault("concurrency", plan.concurrency)
+            kw.setdefault("duration_s", plan.duration_s)
+            result = asyncio.run(
+                closed_loop(
+                    s.url,
+                    payloads,
+                    label=key,
+                    warmup_s=plan.warmup_s,
+                    server_pid=s.process.pid,
+                    **kw,
+                )
+            )
+            _log_run(result)
+            return result
+
+        comparisons = [
+            ("batching", "batching", unique),
+            ("no-batching", "no-batching", unique),
+            ("plain", "plain", unique),
+            ("cache on, repeated images", "cache", repeated),
+            ("cache off, repeated images", "batching", repeated),
+        ]
+        for rnd in range(plan.rounds):
+            log.info("closed loop, %d clients, round %d/%d", plan.concurrency, rnd + 1, plan.rounds)
+            # Alternate the order between rounds so no configuration always follows another.
+            order = comparisons if rnd % 2 == 0 else comparisons[::-1]
+            for key, server, payloads in order:
+                closed.setdefault(key, []).append(closed_run(key, server, payloads))
+        merged = {k: merge_runs(v) for k, v in closed.items()}
+
+        log.info("latency/throughput sweep")
+        for c in plan.sweep:
+            for server in ("batching", "no-batching"):
+                sweep.append(
+                    closed_run(
+                        server, server, unique, concurrency=c, duration_s=plan.sweep_duration_s
+                    )
+                )
+
+        saturation_rps = merged["batching"].throughput_rps
+        s = servers["batching"]
+        for fraction in plan.open_fractions:
+            main_point = fraction in (0.5, 2.0)
+            rate = max(1.0, fraction * saturation_rps)
+            result = asyncio.run(
+                open_loop(
+                    s.url,
+                    unique,
+                    rate=rate,
+                    label=f"open {fraction:g}x",
+                    duration_s=plan.open_duration_s if main_point else plan.open_point_duration_s,
+                    warmup_s=plan.warmup_s,
+                    max_connections=4096,
+                    server_pid=s.process.pid,
+                )
+            )
+            _log_run(result)
+            opened.append(result)
+
+    log.info("in-process NAC fast path vs reference")
+    threads = int(str({**BENCH_DEFAULTS, **extra}.get("torch_threads", 1)) or 1)
+    inproc = nac_in_process(
+        profile,
+        plan.inproc_batches,
+        rounds=plan.inproc_rounds,
+        min_s=plan.inproc_min_s,
+        threads=max(1, threads),
+    )
+    report = {
+        "meta": _meta(plan, profile, extra),
+        "closed": {k: v.to_dict() for k, v in merged.items()},
+        "closed_rounds": {k: [r.to_dict() for r in v] for k, v in closed.items()},
+        "sweep": [r.to_dict() for r in sweep],
+        "open": [r.to_dict() for r in opened],
+        "saturation_rps": saturation_rps,
+        "in_process": inproc,
+    }
+    report["ratios"] = _ratios(merged)
+    report["targets"] = [asdict(t) for t in _targets(merged, opened)]
+    report["meta"]["wall_s"] = time.perf_counter() - started
+    # Full latency lists are large; keep percentiles only, plus the curves' points.
+    return report
+
+
+def _ratios(m: Mapping[str, RunResult]) -> dict[str, float]:
+    def ratio(a: str, b: str) -> float:
+        den = m[b].images_per_s
+        return m[a].images_per_s / den if den else math.nan
+
+    return {
+        "batching_over_no_batching": ratio("batching", "no-batching"),
+        "nac_over_plain": ratio("batching", "plain"),
+        "cache_on_over_off": ratio("cache on, repeated images", "cache off, repeated images"),
+    }
+
+
+def _targets(m: Mapping[str, RunResult], opened: Sequence[RunResult]) -> list[Target]:
+    ratios = _ratios(m)
+    targets = [
+        Target(
+            "dynamic batching >= 3x the throughput of max_batch_size=1",
+            ratios["batching_over_no_batching"],
+            3.0,
+            True,
+            "closed loop, images/s ratio",
+        ),
+        Target(
+            "NAC screening >= 0.6x plain classification throughput",
+            ratios["nac_over_plain"],
+            0.6,
+            True,
+            "closed loop, images/s ratio, scoring on vs scoring=false",
+        ),
+    ]
+    half = next((r for r in opened if r.label == "open 0.5x"), None)
+    if half is not None:
+        targets.append(
+            Target(
+                "p99 <= 3x p50 at half the saturation throughput",
+                half.p99_ms / half.p50_ms if half.p50_ms else math.nan,
+                3.0,
+                False,
+                f"open loop at {half.target_rps:.0f} req/s: p50 {half.p50_ms:.1f} ms, "
+                f"p99 {half.p99_ms:.1f} ms",
+            )
+        )
+    below = [*m.values(), *(r for r in opened if _fraction(r) < 1.0)]
+    targets.append(
+        Target(
+            "zero errors below saturation",
+            float(sum(r.errors for r in below)),
+            0.0,
+            False,
+            f"all closed-loop runs and open loops below 1x: {sum(r.sent for r in below)} requests",
+        )
+    )
+    over = [r for r in opened if _fraction(r) > 1.0]
+    if over:
+        other = sum(r.errors - r.rejections - r.status_codes.get("not_sent", 0) for r in over)
+        codes: dict[str, int] = {}
+        for r in over:
+            for k, v in r.status_codes.items():
+                codes[k] = codes.get(k, 0) + v
+        targets.append(
+            Target(
+                "above saturation only explicit 429/503 rejections",
+                float(other),
+                0.0,
+                False,
+                f"open loop at 2x: status codes {codes} (non-200 other than 429/503 counted)",
+            )
+        )
+    return targets
+
+
+def _fraction(r: RunResult) -> float:
+    try:
+        return float(r.label.split()[1].rstrip("x"))
+    except (IndexError, ValueError):
+        return math.nan
+
+
+def _meta(plan: BenchPlan, profile: Path | None, extra: Mapping[str, object]) -> dict[str, Any]:
+    import torch
+
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            check=False,
+        ).stdout.strip()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "profile": str(profile or "demo (profiles/fashion-mnist)"),
+        "server_defaults": {**BENCH_DEFAULTS, **extra},
+        "configs": [asdict(c) | {"overrides": dict(c.overrides)} for c in CONFIGS],
+        "plan": asdict(plan),
+        "load_average_at_end": load,
+        "command": " ".join(["python", "loadtest/bench.py", *sys.argv[1:]]),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf to None: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _f(value: Any, fmt: str = "{:.1f}") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return fmt.format(value)
+
+
+def _codes(codes: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in codes.items()) or "–"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The report as markdown: comparisons, latency/overload runs, in-process NAC, targets."""
+    meta = report["meta"]
+    plan = meta["plan"]
+    c = report["closed"]
+    r = report["ratios"]
+    lines = [
+        f"Machine: {meta['cpu_count']} cores ({meta['cpu']}), Python {meta['python']}, "
+        f"torch {meta['torch']}; commit {meta['commit'] or '?'}, {meta['date']}. "
+        f"Closed loop: {plan['concurrency']} clients, {plan['rounds']} interleaved rounds of "
+        f"{plan['duration_s']:g} s per configuration; requests of "
+        f"{'/'.join(str(n) for n in plan['images_per_request'])} image(s), "
+        f"{plan['ood_fraction']:.0%} OOD, encodings {'/'.join(plan['encodings'])}.",
+        "",
+        "| comparison | configuration | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch"
+        " | server CPU ms/req | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def row(group: str, key: str, ratio: str = "") -> str:
+        x = c[key]
+        return (
+            f"| {group} | {key} | {_f(x['images_per_s'])} | {_f(x['p50_ms'])} | {_f(x['p95_ms'])}"
+            f" | {_f(x['p99_ms'])} | {x['errors']} | {_f(x['mean_batch'])} "
+            f"| {_f(x['server_cpu_ms_per_request'], '{:.2f}')} | {ratio} |"
+        )
+
+    lines += [
+        row("batching", "batching", f"**{_f(r['batching_over_no_batching'], '{:.2f}')}x**"),
+        row("batching", "no-batching", "1x"),
+        row("NAC screening", "batching", f"**{_f(r['nac_over_plain'], '{:.2f}')}x**"),
+        row("NAC screening", "plain", "1x"),
+        row(
+            "result cache",
+            "cache on, repeated images",
+            f"**{_f(r['cache_on_over_off'], '{:.2f}')}x** "
+            f"({c['cache on, repeated images']['cache_hit_rate']:.0%} hits)",
+        ),
+        row("result cache", "cache off, repeated images", "1x"),
+        "",
+        f"Open loop on the batching server (saturation = {report['saturation_rps']:.0f} req/s, "
+        "the closed-loop throughput above; latency from each request's scheduled send time):",
+        "",
+        "| arrival rate | req/s asked | req/s answered 200 | p50 ms | p95 ms | p99 ms | p99/p50 "
+        "| mean batch | status codes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in report["open"]:
+        ratio = o["p99_ms"] / o["p50_ms"] if o["p50_ms"] and o["p99_ms"] is not None else None
+        lines.append(
+            f"| {o['label'].split()[1]} | {o['target_rps']:.0f} | {_f(o['throughput_rps'])} "
+            f"| {_f(o['p50_ms'])} | {_f(o['p95_ms'])} | {_f(o['p99_ms'])} | {_f(ratio, '{:.2f}')} "
+            f"| {_f(o['mean_batch'])} | {_codes(o['status_codes'])} |"
+        )
+    lines += [
+        "",
+        "NAC fast path against the reference-style computation, in-process (no HTTP), images/s "
+        f"with {meta['server_defaults'].get('torch_threads', '?')} torch thread(s):",
+        "",
+        "| batch | fast path | reference-style | fast / reference | plain classification "
+        "| fast / plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row_ in report["in_process"]:
+        lines.append(
+            f"| {row_['batch']} | {row_['fast_ips']:.0f} | {row_['reference_ips']:.0f} "
+            f"| **{row_['fast_over_reference']:.2f}x** | {row_['plain_ips']:.0f} "
+            f"| {row_['fast_over_plain']:.2f}x |"
+        )
+    lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        op = ">=" if t["higher_is_better"] else "<="
+        lines.append(
+            f"| {t['name']} | {_f(t['value'], '{:.2f}')} ({t['detail']}) | {op} "
+            f"{t['threshold']:g} | {'yes' if t['met'] else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Mapping[str, Any], path: Path) -> None:
+    """Latency (p50 and p99) against throughput: closed-loop curves per configuration and the
+    open-loop points of the batching server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for run in report["sweep"]:
+        curves.setdefault(run["label"], []).append(run)
+    for key in ("batching", "no-batching"):
+        if key in report["closed"]:
+            curves.setdefault(key, []).append(report["closed"][key])
+    for ax, q in zip(axes, ("p50_ms", "p99_ms"), strict=True):
+        for label, runs in curves.items():
+            pts = sorted(
+                (r["concurrency"], r["images_per_s"], r[q]) for r in runs if r[q] is not None
+            )
+            if not pts:
+                continue
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=f"{label} (closed)")
+            for conc, x, y in pts:
+                ax.annotate(
+                    str(conc), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7
+                )
+        pts = [
+            (o["images_per_s"], o[q], o["label"].split()[1])
+            for o in report["open"]
+            if o[q] is not None
+        ]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", label="batching (open loop)")
+            for x, y, text in pts:
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, -9), fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xlabel("throughput (images/s answered 200)")
+        ax.set_ylabel(f"{q[:3]} latency (ms)")
+        ax.set_title(f"{q[:3]} latency against throughput")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("nacguard, demo profile (labels: closed-loop clients / open-loop load)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """Write ``bench.json``, ``bench.md`` and ``latency_throughput.png`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "bench.json",
+        "markdown": out / "bench.md",
+        "plot": out / "latency_throughput.png",
+    }
+    clean = _clean(dict(report))
+    paths["json"].write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    paths["markdown"].write_text(render_markdown(clean))
+    plot(clean, paths["plot"])
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    p.add_argument("--quick", action="store_true", help="tiny durations (smoke test)")
+    p.add_argument("--profile", type=Path, help="bundle directory (default: the demo profile)")
+    p.add_argument("--concurrency", type=int, help="closed-loop clients (default 32)")
+    p.add_argument("--rounds", type=int, help="interleaved closed-loop rounds (default 3)")
+    p.add_argument("--duration", type=float, help="measured seconds per configuration and round")
+    p.add_argument(
+        "--images-per-request",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        help="request sizes to draw from, e.g. 1 or 1,1,8 (default 1)",
+    )
+    p.add_argument("--ood-fraction", type=float, help="share of generated OOD images (0.2)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="setting for all servers"
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # start_server's readiness polls
+    plan = BenchPlan.quick() if args.quick else BenchPlan()
+    changes: dict[str, Any] = {}
+    for name, value in (
+        ("concurrency", args.concurrency),
+        ("rounds", args.rounds),
+        ("duration_s", args.duration),
+        ("images_per_request", args.images_per_request),
+        ("ood_fraction", args.ood_fraction),
+    ):
+        if value is not None:
+            changes[name] = value
+    plan = BenchPlan(**{**asdict(plan), **changes})
+    extra: dict[str, object] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set takes NAME=VALUE, not {item!r}")
+        extra[name] = value
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = run_bench(plan, profile=args.profile, extra=extra, log_dir=args.out)
+    paths = write_outputs(report, args.out)
+    sys.stdout.write(paths["markdown"].read_text())
+    log.info(
+        "wrote %s in %.0fs", ", ".join(str(p) for p in paths.values()), report["meta"]["wall_s"]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
