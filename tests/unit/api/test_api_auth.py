@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import io
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -12,13 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image, PngImagePlugin
 
 from nacguard.api import create_app
 from nacguard.api.auth import ApiKeys
 from nacguard.api.logs import JsonFormatter, RequestIdFilter, configure_logging
 from nacguard.settings import Settings
 from tests.fixtures.bundles import encoded_images
+from tests.fixtures.hostile import MARKER, marked_png
 from tests.unit.api.helpers import PNG, Api, ApiFactory, multipart
 
 KEY = "k-0123456789abcdef-first"
@@ -273,24 +272,11 @@ async def test_unsafe_request_ids_are_replaced(
 
 # --- logs --------------------------------------------------------------------------------------
 
-_MARKER = "nacguard-secret-pixels-7f3a"
-
-
-def _marked_png(seed: int) -> bytes:
-    """A PNG holding a text chunk with a marker: if image bytes reach a log, the marker shows."""
-    (png,) = encoded_images(1, seed=seed)
-    image = Image.open(io.BytesIO(png))
-    info = PngImagePlugin.PngInfo()
-    info.add_text("comment", _MARKER * 4)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
 
 async def test_logs_hold_no_image_content(
     make_api: ApiFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    good = _marked_png(921)
+    good = marked_png(value=77)
     b64 = base64.b64encode(good).decode()
     corrupt = good[:60] + b"\xff" * 40 + good[100:]
     async with make_api(max_image_pixels=10_000, log_level="debug") as api:
@@ -320,7 +306,7 @@ async def test_logs_hold_no_image_content(
         json.loads(line)
         lines.append(line)
     text = "\n".join(lines)
-    assert _MARKER not in text
+    assert MARKER not in text
     # Neither base64 of an image (any PNG starts "iVBORw0KGgo") nor its raw header.
     assert "iVBORw0KGgo" not in text
     assert b64[100:140] not in text

@@ -10,8 +10,6 @@ odd TIFF layouts, and mutated files (hypothesis).
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +21,15 @@ from PIL import Image
 from nacguard.api.inputs import InputLimits, RawImage, decode_images
 from nacguard.errors import BadImage, NacguardError, PayloadTooLarge, UnsupportedMediaType
 from nacguard.models.preprocess import PRESETS, decode_image, normalize_mode
+from tests.fixtures.hostile import (
+    bmp_header_only,
+    encode,
+    gif_header_only,
+    jpeg_header_only,
+    png_header_only,
+    tiff_image,
+    webp_header_only,
+)
 
 ALLOWED = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 LIMITS = InputLimits(
@@ -32,12 +39,6 @@ LIMITS = InputLimits(
     max_pixels=1_000_000,
     allowed_formats=ALLOWED,
 )
-
-
-def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _gray(data: bytes, background: int = 0) -> np.ndarray:
@@ -104,7 +105,7 @@ OPAQUE = [
 
 @pytest.mark.parametrize(("fmt", "mode", "tol"), OPAQUE, ids=[f"{f}-{m}" for f, m, _ in OPAQUE])
 def test_opaque_modes_keep_the_gray_level(fmt: str, mode: str, tol: int) -> None:
-    data = _encode(_uniform(mode), fmt)
+    data = encode(_uniform(mode), fmt)
     gray = _gray(data)
     assert gray.shape == (8, 8)
     assert np.abs(gray - V).max() <= tol, (Image.open(io.BytesIO(data)).mode, gray[0, 0])
@@ -117,7 +118,7 @@ def test_bilevel_images() -> None:
     img = Image.new("1", (8, 8), 0)
     img.putpixel((3, 3), 1)
     for fmt in ("PNG", "TIFF", "BMP"):
-        gray = _gray(_encode(img, fmt))
+        gray = _gray(encode(img, fmt))
         assert gray[3, 3] == 255 and gray.sum() == 255, fmt
 
 
@@ -125,7 +126,7 @@ def test_cmyk_jpeg_colours() -> None:
     # Adobe CMYK JPEGs store inverted ink values; white (no ink) and black (full K) must survive.
     img = Image.new("CMYK", (16, 8), (0, 0, 0, 0))
     img.paste((0, 0, 0, 255), (8, 0, 16, 8))
-    rgb = _rgb(_encode(img, "JPEG", quality=95))
+    rgb = _rgb(encode(img, "JPEG", quality=95))
     assert rgb[:, :4].min() >= 250
     assert rgb[:, 12:].max() <= 5
 
@@ -133,16 +134,16 @@ def test_cmyk_jpeg_colours() -> None:
 def test_sixteen_bit_scaling() -> None:
     arr = np.array([[0, 257 * 64, 257 * 128, 65535]], np.uint16)
     for fmt in ("PNG", "TIFF"):
-        gray = _gray(_encode(Image.fromarray(arr), fmt))
+        gray = _gray(encode(Image.fromarray(arr), fmt))
         assert gray.tolist() == [[0, 64, 128, 255]], fmt
     # 32-bit integer images: 16-bit range when values exceed 8 bits, else taken as 8-bit.
     wide = Image.fromarray(np.array([[0, 65535]], np.int32), "I")
-    assert _gray(_encode(wide, "TIFF")).tolist() == [[0, 255]]
+    assert _gray(encode(wide, "TIFF")).tolist() == [[0, 255]]
     narrow = Image.fromarray(np.array([[0, 200]], np.int32), "I")
-    assert _gray(_encode(narrow, "TIFF")).tolist() == [[0, 200]]
+    assert _gray(encode(narrow, "TIFF")).tolist() == [[0, 200]]
     # Float images in [0, 1]; NaN becomes 0.
     floats = Image.fromarray(np.array([[0.0, 0.5, 1.0, np.nan]], np.float32), "F")
-    assert _gray(_encode(floats, "TIFF")).tolist() == [[0, 127, 255, 0]]
+    assert _gray(encode(floats, "TIFF")).tolist() == [[0, 127, 255, 0]]
 
 
 # --- alpha of every kind is composited onto the background ------------------------------------
@@ -173,7 +174,7 @@ def test_transparent_pixels_take_the_background(fmt: str, mode: str, kw: dict[st
         img = Image.new("P", (8, 4), 0)
         img.putpalette([10, 10, 10, V, V, V] + [0] * 762)
         img.paste(1, (0, 0, 4, 4))
-    data = _encode(img, fmt, **kw)
+    data = encode(img, fmt, **kw)
     for background in (0, 255):
         gray = _gray(data, background)
         assert np.abs(gray[:, :4] - V).max() <= 1, (fmt, background)
@@ -186,7 +187,7 @@ def test_png_colour_key_transparency(mode: str) -> None:
     key: int | tuple[int, int, int] = (7, 7, 7) if mode == "RGB" else (1 if mode == "1" else 7)
     img = Image.new(mode, (4, 2), key)
     img.paste(0 if mode != "RGB" else (0, 0, 0), (0, 0, 2, 2))
-    data = _encode(img, "PNG", transparency=key)
+    data = encode(img, "PNG", transparency=key)
     for background in (0, 255):
         gray = _gray(data, background)
         assert (gray[:, :2] == 0).all()
@@ -233,7 +234,7 @@ def test_exif_orientation(fmt: str, orientation: int) -> None:
         kw["lossless"] = True
     if fmt == "JPEG":
         kw["quality"] = 95
-    data = _encode(Image.fromarray(stored, "L"), fmt, **kw)
+    data = encode(Image.fromarray(stored, "L"), fmt, **kw)
     gray = _gray(data)
     want = DISPLAY[orientation](stored)
     assert gray.shape == want.shape
@@ -246,7 +247,7 @@ def test_exif_orientation(fmt: str, orientation: int) -> None:
 @pytest.mark.parametrize(("fmt", "kw"), [("GIF", {}), ("WEBP", {"lossless": True}), ("PNG", {})])
 def test_animations_give_their_first_frame(fmt: str, kw: dict[str, object]) -> None:
     frames = [Image.new("L", (8, 8), v).convert("RGB") for v in (30, 140, 250)]
-    data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=40, **kw)
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=40, **kw)
     assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
     assert (_gray(data) == 30).all()
 
@@ -254,95 +255,20 @@ def test_animations_give_their_first_frame(fmt: str, kw: dict[str, object]) -> N
 def test_first_frame_only_even_when_later_frames_are_cut_off() -> None:
     # Counting frames would walk (and trip over) the damaged tail; the first frame is all we use.
     frames = [Image.new("L", (32, 32), v) for v in (30, 140, 250)]
-    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=40)
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=40)
     cut = data[: int(len(data) * 0.8)]
     assert (_gray(cut) == 30).all()
 
 
 def test_a_seeked_image_is_rewound() -> None:
     frames = [Image.new("L", (4, 4), v) for v in (30, 140)]
-    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
     image = Image.open(io.BytesIO(data))
     image.seek(1)
     assert np.asarray(normalize_mode(image, "L")).max() == 30
 
 
 # --- sizes refused from the header -------------------------------------------------------------
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` gray pixels and holds a few bytes of data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1024)
-    return (
-        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-    )
-
-
-def gif_header_only(width: int, height: int) -> bytes:
-    """A GIF whose logical screen and only frame declare ``width`` x ``height``."""
-    head = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\0" * 6
-    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x08\x02\x4c\x01\x00;"
-    return head + frame
-
-
-def jpeg_header_only(width: int, height: int) -> bytes:
-    """A JPEG start (SOI + baseline SOF0 for one component), no scan data."""
-    sof = struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"
-    return b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
-
-
-def bmp_header_only(width: int, height: int) -> bytes:
-    """A BMP whose info header declares ``width`` x ``height`` 24-bit pixels."""
-    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
-    return (
-        b"BM" + struct.pack("<IHHI", 14 + len(info) + 16, 0, 0, 14 + len(info)) + info + b"\0" * 16
-    )
-
-
-def tiff_image(
-    width: int,
-    height: int,
-    *,
-    samples: int = 1,
-    bits: int = 8,
-    sample_format: int = 1,
-    photometric: int = 1,
-    data: bytes | None = None,
-    extra_samples: int | None = None,
-) -> bytes:
-    """A little-endian baseline TIFF with one uncompressed strip, built by hand so that layouts
-    Pillow would never write can be tried."""
-    if data is None:
-        data = bytes((width * height * samples * bits + 7) // 8)
-    entries: list[tuple[int, int, int, int]] = [
-        (256, 4, 1, width),
-        (257, 4, 1, height),
-        (258, 3, 1, bits),  # bits per sample (one value; Pillow repeats it)
-        (259, 3, 1, 1),  # no compression
-        (262, 3, 1, photometric),
-        (273, 4, 1, 0),  # strip offset, patched below
-        (277, 3, 1, samples),
-        (278, 4, 1, height),
-        (279, 4, 1, len(data)),
-        (339, 3, 1, sample_format),
-    ]
-    if extra_samples is not None:
-        entries.append((338, 3, 1, extra_samples))
-    entries.sort()
-    ifd_offset = 8
-    data_offset = ifd_offset + 2 + 12 * len(entries) + 4
-    out = bytearray(b"II*\0" + struct.pack("<I", ifd_offset) + struct.pack("<H", len(entries)))
-    for tag, kind, count, value in entries:
-        if tag == 273:
-            value = data_offset
-        packed = struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, 0)
-        out += struct.pack("<HHI", tag, kind, count) + packed
-    return bytes(out + struct.pack("<I", 0) + data)
 
 
 @pytest.mark.parametrize(
@@ -363,6 +289,11 @@ def test_huge_declared_sizes_are_refused_before_decoding(
             decode_image(data, max_pixels=max_pixels, allowed_formats=ALLOWED)
 
 
+def test_a_webp_canvas_beyond_any_limit() -> None:
+    with pytest.raises(PayloadTooLarge):
+        decode_image(webp_header_only(16_384, 16_384), max_pixels=25_000_000)
+
+
 def test_the_100000_square_png() -> None:
     data = png_header_only(100_000, 100_000)
     with pytest.raises(PayloadTooLarge, match="25000000 pixels"):
@@ -377,7 +308,7 @@ def test_the_100000_square_png() -> None:
 
 @pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "ICO", "SGI", "IM", "DDS", "SPIDER", "EPS"])
 def test_formats_outside_the_list_are_415(fmt: str) -> None:
-    data = _encode(Image.new("L", (8, 8)), fmt)
+    data = encode(Image.new("L", (8, 8)), fmt)
     with pytest.raises(UnsupportedMediaType, match=fmt):
         decode_image(data, max_pixels=10_000, allowed_formats=ALLOWED)
 
@@ -431,16 +362,16 @@ def _seeds() -> list[bytes]:
     img.paste((250, 10, 10), (3, 2, 9, 7))
     frames = [img, img.rotate(90)]
     return [
-        _encode(img, "PNG"),
-        _encode(img.convert("P"), "PNG", transparency=3),
-        _encode(_uniform("I;16"), "PNG"),
-        _encode(img, "JPEG", quality=80),
-        _encode(img.convert("CMYK"), "JPEG"),
-        _encode(img, "WEBP", lossless=True),
-        _encode(img, "GIF", save_all=True, append_images=frames[1:]),
-        _encode(img, "BMP"),
-        _encode(img.convert("RGBA"), "TIFF", compression="tiff_lzw"),
-        _encode(_uniform("F"), "TIFF"),
+        encode(img, "PNG"),
+        encode(img.convert("P"), "PNG", transparency=3),
+        encode(_uniform("I;16"), "PNG"),
+        encode(img, "JPEG", quality=80),
+        encode(img.convert("CMYK"), "JPEG"),
+        encode(img, "WEBP", lossless=True),
+        encode(img, "GIF", save_all=True, append_images=frames[1:]),
+        encode(img, "BMP"),
+        encode(img.convert("RGBA"), "TIFF", compression="tiff_lzw"),
+        encode(_uniform("F"), "TIFF"),
     ]
 
 
