@@ -144,7 +144,7 @@ class BenchPlan:
             rounds=1,
             duration_s=1.0,
             warmup_s=0.3,
-            sweep=(4,),
+            sweep=(),
             sweep_duration_s=0.8,
             open_fractions=(0.5, 2.0),
             open_duration_s=1.0,

@@ -1,0 +1,145 @@
+"""Smoke runs of the load-test tooling against real servers: ``loadtest/bench.py --quick``
+writes well-formed JSON, markdown and PNG, and the locustfile drives a real server headless.
+
+No timing is asserted (timing belongs to the benchmark itself); what is checked is that every
+configuration ran, answered, and was reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from loadtest.batching_bench import BENCH_DEFAULTS, start_server
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _strict_json(text: str) -> Any:
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=no_constants)
+
+
+def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "loadtest/bench.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    report = _strict_json((out / "bench.json").read_text())
+    expected = {
+        "batching",
+        "no-batching",
+        "plain",
+        "cache on, repeated images",
+        "cache off, repeated images",
+    }
+    assert set(report["closed"]) == expected
+    for key, run in report["closed"].items():
+        assert run["ok"] > 0, key
+        assert run["errors"] == 0, (key, run["status_codes"])
+        assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"], key
+        assert run["images_per_s"] > 0, key
+    assert report["closed"]["no-batching"]["mean_batch"] == 1.0
+    assert report["closed"]["batching"]["mean_batch"] >= 1.0
+    # Repeated images with the cache on: after the first sighting every image is a hit.
+    assert report["closed"]["cache on, repeated images"]["cache_hit_rate"] > 0.5
+    assert report["closed"]["cache off, repeated images"]["cache_hit_rate"] == 0.0
+
+    labels = [run["label"] for run in report["open"]]
+    assert labels == ["open 0.5x", "open 2x"]
+    for run in report["open"]:
+        assert run["mode"] == "open"
+        assert run["sent"] > 0
+        assert run["target_rps"] > 0
+    assert report["open"][1]["target_rps"] == pytest.approx(4 * report["open"][0]["target_rps"])
+
+    assert [row["batch"] for row in report["in_process"]] == [1, 16]
+    for row in report["in_process"]:
+        assert row["fast_ips"] > 0 and row["reference_ips"] > 0 and row["plain_ips"] > 0
+
+    assert set(report["ratios"]) == {
+        "batching_over_no_batching",
+        "nac_over_plain",
+        "cache_on_over_off",
+    }
+    assert len(report["targets"]) == 5
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+
+    markdown = (out / "bench.md").read_text()
+    assert "| comparison | configuration | images/s |" in markdown
+    assert "| target | measured | bound | met |" in markdown
+    for key in expected:
+        assert f"| {key} |" in markdown
+    tables: list[list[str]] = [[]]
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            tables[-1].append(line)
+        elif tables[-1]:
+            tables.append([])
+    tables = [t for t in tables if t]
+    assert len(tables) == 4
+    for table in tables:
+        assert len(table) >= 3  # header, separator, at least one row
+        assert len({row.count("|") for row in table}) == 1, table
+
+    with Image.open(out / "latency_throughput.png") as image:
+        assert image.format == "PNG"
+        assert image.width > 200 and image.height > 200
+        image.verify()
+
+
+def test_locust_headless_against_a_real_server(tmp_path: Path) -> None:
+    pytest.importorskip("locust")
+    server = start_server(None, dict(BENCH_DEFAULTS), log_path=tmp_path / "server.log")
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                "loadtest/locustfile.py",
+                "--headless",
+                "-u",
+                "4",
+                "-r",
+                "4",
+                "-t",
+                "5s",
+                "--host",
+                server.url,
+                "--only-summary",
+                "--csv",
+                str(tmp_path / "locust"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        assert server.stop() == 0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with (tmp_path / "locust_stats.csv").open() as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    total = rows["Aggregated"]
+    assert int(total["Request Count"]) > 0
+    assert int(total["Failure Count"]) == 0
+    encodings = {name.split("[")[1].split()[0] for name in rows if name.startswith("/predict [")}
+    assert encodings == {"raw", "multipart", "json"}
