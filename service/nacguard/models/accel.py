@@ -37,6 +37,7 @@ import logging
 import math
 import struct
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -218,13 +219,14 @@ class CompileConfig:
         mode: ``torch.compile`` mode: None (default), ``"reduce-overhead"`` (CUDA graphs: least
             launch overhead, most memory), ``"max-autotune"`` (slow to compile; also CUDA
             graphs), ``"max-autotune-no-cudagraphs"``.
-        backend: ``torch.compile`` backend; ``"inductor"`` generates kernels, ``"aot_eager"``
-            only traces (for tests of the plumbing: it runs anywhere and compiles in seconds).
+        backend: ``torch.compile`` backend (a name or a backend function); ``"inductor"``
+            generates kernels, ``"aot_eager"`` only traces (for tests of the plumbing: it runs
+            anywhere and compiles in seconds).
         probe: compile the multi-layer NAC path with probes (else that path runs eagerly).
     """
 
     mode: str | None = None
-    backend: str = "inductor"
+    backend: str | Callable[..., Any] = "inductor"
     probe: bool = True
 
     @property
@@ -812,7 +814,11 @@ def decode_jpeg_batch(
         mode: ``"RGB"`` or ``"L"``.
         max_pixels: refuse (return None for) larger images, read from the header.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 announces that its image codecs move to TorchCodec; the decoder is
+        # still there and still the batched nvjpeg entry point.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     read_mode = ImageReadMode.RGB if mode == "RGB" else ImageReadMode.GRAY
     out: list[torch.Tensor | None] = [None] * len(datas)
@@ -833,20 +839,22 @@ def decode_jpeg_batch(
         return out
     tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in picked]
     dev = torch.device(device)
-    try:
-        decoded = decode_jpeg(tensors, mode=read_mode, device=dev)
-        if isinstance(decoded, torch.Tensor):
-            decoded = [decoded]
-        for i, t in zip(picked, decoded, strict=True):
-            out[i] = t
-    except Exception as exc:  # one bad file fails a batched call: decode one by one
-        log.debug("batched JPEG decode failed (%s); decoding one by one", exc)
-        for i, t in zip(picked, tensors, strict=True):
-            try:
-                single = decode_jpeg(t, mode=read_mode, device=dev)
-            except Exception:
-                continue
-            out[i] = single if isinstance(single, torch.Tensor) else single[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            decoded = decode_jpeg(tensors, mode=read_mode, device=dev)
+            if isinstance(decoded, torch.Tensor):
+                decoded = [decoded]
+            for i, t in zip(picked, decoded, strict=True):
+                out[i] = t
+        except Exception as exc:  # one bad file fails a batched call: decode one by one
+            log.debug("batched JPEG decode failed (%s); decoding one by one", exc)
+            for i, t in zip(picked, tensors, strict=True):
+                try:
+                    single = decode_jpeg(t, mode=read_mode, device=dev)
+                except Exception:
+                    continue
+                out[i] = single if isinstance(single, torch.Tensor) else single[0]
     return out
 
 

@@ -9,13 +9,19 @@
                         (int64 [M-1, N]); ``calibration.scores`` (sorted held-out InD scores)
 
 Nothing is pickled. The weights' and tables' sha256 are checked on load.
+
+A loaded :class:`Bundle` lives on one device; load it once per device for several runners. The
+acceleration options (``channels_last``, ``compile``, ``batch_buckets``; see
+:mod:`nacguard.models.accel`) are all off by default, and off they change no number.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,11 +35,30 @@ from torch import nn
 
 import nacguard
 from nacguard.errors import BundleError
+from nacguard.models.accel import (
+    AcceleratedPaths,
+    CompileConfig,
+    HostStager,
+    accelerate,
+    bucket_for,
+    normalize_buckets,
+    plan_chunks,
+)
 from nacguard.models.loading import build_model, sha256_file
 from nacguard.models.preprocess import PreprocessSpec
 from nacguard.nac import LayerConfig, LayerProfile, NacProfile, NacScorer, ScoreBatch
 
-__all__ = ["SCHEMA_VERSION", "Bundle", "Calibration", "Prediction", "load_bundle", "save_bundle"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Bundle",
+    "Calibration",
+    "Prediction",
+    "WarmupReport",
+    "load_bundle",
+    "save_bundle",
+]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
@@ -109,11 +134,38 @@ class Prediction:
         }
 
 
+@dataclass(frozen=True)
+class WarmupReport:
+    """What :meth:`Bundle.warmup` ran.
+
+    Attributes:
+        sizes: batch sizes run (each bucket in use, smallest first).
+        seconds: wall time of the whole warm-up.
+        compiled: whether every compiled path still runs compiled afterwards (False also when
+            compilation is off).
+    """
+
+    sizes: tuple[int, ...]
+    seconds: float
+    compiled: bool
+
+
 class Bundle:
     """A loaded profile bundle: model on its device, preprocessing, profile and calibration.
 
     Build it with :func:`load_bundle`. ``predict`` is the whole pipeline for notebooks;
-    ``predict_batch`` is what the server's device runner calls on preprocessed tensors.
+    ``predict_batch`` is what the server's device runner calls on preprocessed tensors. One
+    thread at a time may compute with a bundle (the device's runner thread); load one bundle per
+    device.
+
+    Args:
+        channels_last: keep the model and its inputs in channels-last memory format (faster
+            convolutions on tensor-core GPUs; also valid on CPU).
+        compile: torch.compile the plain forward and the NAC paths (True, or a
+            :class:`~nacguard.models.accel.CompileConfig`); a failure falls back to eager.
+        compile_mode: ``torch.compile`` mode when ``compile`` is True (e.g. "reduce-overhead"
+            for CUDA graphs).
+        batch_buckets: pad batches to these sizes (see :mod:`nacguard.models.accel`).
     """
 
     def __init__(
@@ -128,6 +180,10 @@ class Bundle:
         calibration: Calibration | None,
         device: torch.device,
         precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool | CompileConfig = False,
+        compile_mode: str | None = None,
+        batch_buckets: Iterable[int] = (),
     ) -> None:
         self.path = path
         self.meta = meta
@@ -139,9 +195,38 @@ class Bundle:
         self.device = device
         self.precision = precision
         self.autocast_dtype = _DTYPES[precision]
+        self.channels_last = channels_last
+        self.batch_buckets = normalize_buckets(batch_buckets)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if device.type == "cuda" and self.batch_buckets:
+            # Fixed shapes: let cuDNN time its algorithms once per bucket (process-wide flag;
+            # with free batch sizes it would re-time for every new size instead).
+            torch.backends.cudnn.benchmark = True
         self.scorer = NacScorer(
             self.model, profile, device=device, autocast_dtype=self.autocast_dtype
         )
+        self._stager = HostStager(device)
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self.accel: AcceleratedPaths | None = None
+        config = (
+            compile
+            if isinstance(compile, CompileConfig)
+            else CompileConfig(mode=compile_mode)
+            if compile
+            else None
+        )
+        if config is not None:
+            self.accel = accelerate(
+                self.model,
+                self.scorer,
+                self._input(torch.zeros(1, preprocess.channels, *preprocess.size)),
+                config,
+                max_shapes=max(len(self.batch_buckets), 2),
+            )
+            self._forward = self.accel.plain
+            if self.accel.states is not None:
+                self.scorer.states_fn = self.accel.states
 
     @property
     def name(self) -> str:
@@ -172,35 +257,69 @@ class Bundle:
         """Per monitored layer: settings (name, beta, O, M), edges and counts."""
         return self.profile.layers
 
+    def _input(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """``x`` on the device (padded to ``rows``; pinned + non-blocking from the CPU to a GPU),
+        in the model's memory format."""
+        x = self._stager(x, rows)
+        if self.channels_last and x.dim() == 4:
+            # Converted on the device: a CPU-side transpose would cost more than the copy.
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain forward of a batch on the device, under inference mode and autocast."""
+        with torch.inference_mode():
+            if self.autocast_dtype is None:
+                return self._forward(x)
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                return self._forward(x)
+
     def score(self, x: torch.Tensor) -> ScoreBatch:
         """Raw NAC/MSP/energy scores of a preprocessed batch (moved to the device)."""
-        return self.scorer(x.to(self.device, non_blocking=True))
+        return self.scorer(self._input(x))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Plain classification (no NAC): softmax probabilities [B, C] on the CPU."""
+        logits = self._logits(self._input(x))
         with torch.inference_mode():
-            x = x.to(self.device, non_blocking=True)
-            if self.autocast_dtype is None:
-                logits = self.model(x)
-            else:
-                with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                    logits = self.model(x)
             return torch.softmax(logits.float(), dim=1).cpu()
+
+    def _table(self, x: torch.Tensor, scoring: bool) -> torch.Tensor:
+        """[B, C + 3] on the device: probabilities, NAC, MSP, energy (NaN when not scoring).
+
+        One tensor, so the results cross to the host in one copy.
+        """
+        if not scoring:
+            logits = self._logits(x)
+            with torch.inference_mode():
+                probs = torch.softmax(logits.float(), dim=1)
+                return torch.cat([probs, probs.new_full((probs.shape[0], 3), math.nan)], dim=1)
+        result = self.scorer(x)
+        with torch.inference_mode():
+            extra = torch.stack([result.nac, result.msp, result.energy], dim=1)
+            return torch.cat([result.probs, extra.to(result.probs.dtype)], dim=1)
 
     def predict_batch(self, x: torch.Tensor, *, scoring: bool = True) -> list[Prediction]:
         """Predictions for a preprocessed batch [B, C, H, W].
+
+        With ``batch_buckets`` the batch is padded with zero images to the next bucket (cut into
+        largest-bucket chunks when larger) and the padded rows' results are dropped; each
+        image's result does not depend on its batch-mates.
 
         Args:
             x: the batch (any device; moved to the bundle's).
             scoring: False = plain classification; NAC fields are NaN and ``ood`` False.
         """
-        if not scoring:
-            probs = self.classify(x)
-            nac = msp = energy = torch.full((x.shape[0],), math.nan)
-        else:
-            result = self.score(x)
-            probs, nac = result.probs.cpu(), result.nac.cpu()
-            msp, energy = result.msp.cpu(), result.energy.cpu()
+        parts = []
+        for chunk in plan_chunks(int(x.shape[0]), self.batch_buckets):
+            xs = self._input(x[chunk.start : chunk.stop], chunk.size)
+            parts.append(self._table(xs, scoring)[: chunk.rows])
+        if not parts:
+            return []
+        table = (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()
+        n_classes = table.shape[1] - 3
+        probs = table[:, :n_classes]
+        nac, msp, energy = table[:, n_classes], table[:, n_classes + 1], table[:, n_classes + 2]
         threshold = self.threshold
         out = []
         for i, row in enumerate(probs.tolist()):
@@ -221,6 +340,58 @@ class Bundle:
                 )
             )
         return out
+
+    def warmup_sizes(self, max_batch_size: int) -> list[int]:
+        """Batch sizes :meth:`warmup` runs: every bucket a batch of at most ``max_batch_size``
+        images can be padded to (without buckets: 1 and ``max_batch_size``)."""
+        if not self.batch_buckets:
+            return sorted({1, max_batch_size})
+        if max_batch_size > self.batch_buckets[-1]:  # computed in largest-bucket chunks
+            return list(self.batch_buckets)
+        top = bucket_for(max_batch_size, self.batch_buckets)
+        return [b for b in self.batch_buckets if b <= top]
+
+    def warmup(self, max_batch_size: int, *, scoring: bool = True) -> WarmupReport:
+        """Run every batch size in use once, so that compilation, CUDA graph capture, cuDNN
+        autotuning and allocator growth happen before the first request.
+
+        Call it on the thread that will compute (the device runner's): CUDA graphs are
+        recorded per thread.
+
+        Args:
+            max_batch_size: the largest batch the caller will send.
+            scoring: warm the NAC path (True) or plain classification (False).
+        """
+        started = time.monotonic()
+        sizes = self.warmup_sizes(max_batch_size)
+        # CUDA graph trees record on the second call of a shape; run twice so that happens now.
+        repeats = 2 if self.accel is not None and self._cudagraphs else 1
+        dummy = torch.zeros(1, self.preprocess.channels, *self.preprocess.size)
+        for size in sizes:
+            for _ in range(repeats):
+                self.predict_batch(dummy.expand(size, -1, -1, -1), scoring=scoring)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        report = WarmupReport(
+            sizes=tuple(sizes),
+            seconds=time.monotonic() - started,
+            compiled=self.accel is not None and self.accel.active,
+        )
+        log.info(
+            "warmed up %s on %s: batch sizes %s in %.1fs%s",
+            self.name,
+            self.device,
+            list(report.sizes),
+            report.seconds,
+            " (compiled)" if report.compiled else "",
+        )
+        return report
+
+    @property
+    def _cudagraphs(self) -> bool:
+        return self.accel is not None and any(
+            c.config.cudagraphs for c in self.accel.compiled.values()
+        )
 
     def predict(self, images: Sequence[Image.Image], batch_size: int = 256) -> list[Prediction]:
         """Preprocess PIL images and predict them in batches."""
@@ -245,6 +416,14 @@ class Bundle:
             "calibration": self.calibration.summary() if self.calibration else None,
             "device": str(self.device),
             "precision": self.precision,
+            "acceleration": {
+                "channels_last": self.channels_last,
+                "compiled": self.accel is not None and self.accel.active,
+                "nac_path": self.accel.states.path
+                if self.accel is not None and self.accel.states is not None
+                else "eager",
+                "batch_buckets": list(self.batch_buckets),
+            },
             "schema_version": self.meta.get("schema_version"),
             "provenance": self.meta.get("provenance", {}),
         }
@@ -346,19 +525,28 @@ def load_bundle(
     device: str | torch.device = "cpu",
     *,
     precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool | CompileConfig = False,
+    compile_mode: str | None = None,
+    batch_buckets: Iterable[int] = (),
 ) -> Bundle:
-    """Load a profile bundle onto a device.
+    """Load a profile bundle onto a device (call once per device; bundles share nothing).
 
     Args:
         path: the bundle directory.
         device: torch device for the model and tables.
         precision: "fp32", "bf16" or "fp16" autocast for the forward (states stay fp32).
+        channels_last: channels-last memory format for the model and its inputs.
+        compile: torch.compile the forward and NAC paths (falls back to eager on failure).
+        compile_mode: torch.compile mode, e.g. "reduce-overhead" (CUDA graphs).
+        batch_buckets: pad batches up to these sizes (warm them with :meth:`Bundle.warmup`).
 
     Raises:
         BundleError: missing files, bad schema, failed sha256 check, or a model/profile mismatch.
     """
     path = Path(path)
     meta = _read_meta(path)
+    batch_buckets = normalize_buckets(batch_buckets)  # a ValueError here is the caller's
     if precision not in _DTYPES:
         raise BundleError(f"unknown precision {precision!r}; use one of {sorted(_DTYPES)}")
     try:
@@ -396,6 +584,10 @@ def load_bundle(
             calibration=calibration,
             device=torch.device(device),
             precision=precision,
+            channels_last=channels_last,
+            compile=compile,
+            compile_mode=compile_mode,
+            batch_buckets=batch_buckets,
         )
     except BundleError:
         raise

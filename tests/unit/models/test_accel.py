@@ -1,0 +1,558 @@
+"""Acceleration: buckets and padding, staging, compiled graphs and their fallbacks, GPU JPEG
+decoding and tensor preprocessing. CPU-testable paths run everywhere; CUDA-only ones are marked
+``gpu`` and skipped without a device."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from nacguard.models.accel import (
+    Chunk,
+    CompileConfig,
+    HostStager,
+    SafeCompiled,
+    accelerate,
+    bucket_for,
+    decode_jpeg_batch,
+    is_jpeg,
+    jpeg_info,
+    normalize_buckets,
+    plan_chunks,
+    preprocess_tensor,
+    preprocess_tensors,
+)
+from nacguard.models.bundle import Bundle, Calibration, Prediction, load_bundle, save_bundle
+from nacguard.models.demo import build_demo_model
+from nacguard.models.preprocess import PRESETS, PreprocessSpec, decode_image
+from nacguard.nac import LayerConfig, NacScorer, ProfileBuilder, StateExtractor, threshold_at_tpr
+from tests.unit.nac.nets import tiny_net
+
+CLASSES = [f"c{i}" for i in range(10)]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Dynamo tracing without code generation: the compile plumbing in seconds, on any machine.
+TRACE_ONLY = CompileConfig(backend="aot_eager")
+
+
+def _images(n: int, seed: int, size: int = 28) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L") for _ in range(n)
+    ]
+
+
+def _make_bundle(out: Path, layers: list[LayerConfig]) -> Path:
+    torch.manual_seed(0)
+    model = build_demo_model({"width": 8}).eval()
+    prep = PRESETS["fashion-mnist"]
+    profile = ProfileBuilder(model, layers).fit([prep.batch(_images(64, 1))])
+    scores = NacScorer(model, profile)(prep.batch(_images(40, 2))).nac.numpy()
+    calibration = Calibration(0.95, threshold_at_tpr(scores, 0.95), np.sort(scores), "t")
+    return save_bundle(
+        out,
+        name="accel",
+        model_ref={"kind": "demo", "config": {"width": 8, "num_classes": 10}},
+        model=model,
+        preprocess=prep,
+        classes=CLASSES,
+        profile=profile,
+        calibration=calibration,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_layer_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """block3 + avgpool: the multi-layer (autograd / probe) path."""
+    layers = [LayerConfig("block3", 0.05, 5.0, 20), LayerConfig("avgpool", 20.0, 5.0, 20)]
+    return _make_bundle(tmp_path_factory.mktemp("two"), layers)
+
+
+@pytest.fixture(scope="module")
+def head_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """avgpool only: the analytic-head path."""
+    return _make_bundle(tmp_path_factory.mktemp("head"), [LayerConfig("avgpool", 20.0, 5.0, 20)])
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    return PRESETS["fashion-mnist"].batch(_images(37, 7))
+
+
+def assert_same_predictions(a: list[Prediction], b: list[Prediction], atol: float = 1e-6) -> None:
+    assert len(a) == len(b)
+    assert [p.class_index for p in a] == [p.class_index for p in b]
+    np.testing.assert_allclose([p.nac_score for p in a], [p.nac_score for p in b], atol=atol)
+    np.testing.assert_allclose([p.msp for p in a], [p.msp for p in b], atol=atol)
+    np.testing.assert_allclose([p.energy for p in a], [p.energy for p in b], atol=atol * 10)
+    np.testing.assert_allclose(
+        [p.probabilities for p in a], [p.probabilities for p in b], atol=atol
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets
+# --------------------------------------------------------------------------------------------
+
+
+def test_buckets_are_sorted_and_checked() -> None:
+    assert normalize_buckets([64, 8, 8, 1]) == (1, 8, 64)
+    assert normalize_buckets(None) == ()
+    with pytest.raises(ValueError):
+        normalize_buckets([0, 4])
+
+
+def test_bucket_for_and_chunk_plan() -> None:
+    buckets = (4, 16)
+    assert [bucket_for(n, buckets) for n in (1, 4, 5, 16, 17)] == [4, 4, 16, 16, 17]
+    assert bucket_for(5, ()) == 5
+    assert plan_chunks(0, buckets) == []
+    assert plan_chunks(7, ()) == [Chunk(0, 7, 7)]
+    assert plan_chunks(3, buckets) == [Chunk(0, 3, 4)]
+    # Larger than the largest bucket: largest-bucket chunks, then the rest padded.
+    assert plan_chunks(37, buckets) == [Chunk(0, 16, 16), Chunk(16, 32, 16), Chunk(32, 37, 16)]
+    assert [c.rows for c in plan_chunks(37, buckets)] == [16, 16, 5]
+
+
+@pytest.mark.parametrize("bundle_name", ["two_layer_bundle", "head_bundle"])
+def test_padding_to_buckets_changes_no_result(
+    bundle_name: str, batch: torch.Tensor, request: pytest.FixtureRequest
+) -> None:
+    path = request.getfixturevalue(bundle_name)
+    plain = load_bundle(path)
+    bucketed = load_bundle(path, batch_buckets=[4, 16])
+    for n in (1, 3, 7, 16, 37):  # padded within a bucket, exact, and chunked
+        assert_same_predictions(bucketed.predict_batch(batch[:n]), plain.predict_batch(batch[:n]))
+        assert_same_predictions(
+            bucketed.predict_batch(batch[:n], scoring=False),
+            plain.predict_batch(batch[:n], scoring=False),
+        )
+    assert bucketed.predict_batch(batch[:0]) == []
+
+
+def test_padded_rows_do_not_leak_into_results(two_layer_bundle: Path, batch: torch.Tensor) -> None:
+    # Whatever sits in the padding, the real rows' results are the same.
+    bundle = load_bundle(two_layer_bundle, batch_buckets=[8])
+    alone = bundle.predict_batch(batch[:3])
+    noisy = torch.cat([batch[:3], torch.randn(5, *batch.shape[1:]) * 50])
+    assert_same_predictions(bundle.predict_batch(noisy)[:3], alone)
+
+
+def test_warmup_runs_every_bucket_in_use(two_layer_bundle: Path) -> None:
+    bundle = load_bundle(two_layer_bundle, batch_buckets=[1, 8, 32, 64])
+    assert bundle.warmup_sizes(20) == [1, 8, 32]
+    assert bundle.warmup_sizes(64) == [1, 8, 32, 64]
+    assert bundle.warmup_sizes(100) == [1, 8, 32, 64]  # 100 runs as 64 + 36->64
+    assert load_bundle(two_layer_bundle).warmup_sizes(16) == [1, 16]
+    seen: list[int] = []
+    hook = bundle.model.register_forward_pre_hook(lambda _m, a: seen.append(int(a[0].shape[0])))
+    try:
+        report = bundle.warmup(20)
+    finally:
+        hook.remove()
+    assert report.sizes == (1, 8, 32)
+    assert sorted(set(seen)) == [1, 8, 32]
+    assert report.compiled is False and report.seconds >= 0
+
+
+def test_a_bundle_per_device_shares_nothing(two_layer_bundle: Path, batch: torch.Tensor) -> None:
+    a, b = load_bundle(two_layer_bundle), load_bundle(two_layer_bundle)
+    pa = {p.data_ptr() for p in a.model.parameters()}
+    pb = {p.data_ptr() for p in b.model.parameters()}
+    assert not pa & pb
+    assert a.scorer is not b.scorer
+    assert_same_predictions(a.predict_batch(batch[:9]), b.predict_batch(batch[:9]), atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Staging and memory format
+# --------------------------------------------------------------------------------------------
+
+
+def test_cpu_staging_pads_with_zeros_and_copies_nothing_otherwise() -> None:
+    stager = HostStager("cpu")
+    assert stager.pin is False
+    x = torch.randn(3, 1, 4, 4)
+    assert stager(x) is x
+    padded = stager(x, 5)
+    assert padded.shape == (5, 1, 4, 4)
+    assert torch.equal(padded[:3], x) and not padded[3:].any()
+    with pytest.raises(ValueError):
+        stager(x, 2)
+
+
+def test_channels_last_predicts_like_contiguous(
+    two_layer_bundle: Path, batch: torch.Tensor
+) -> None:
+    plain = load_bundle(two_layer_bundle)
+    cl = load_bundle(two_layer_bundle, channels_last=True)
+    conv = next(m for m in cl.model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert cl.describe()["acceleration"]["channels_last"] is True
+    assert_same_predictions(cl.predict_batch(batch[:11]), plain.predict_batch(batch[:11]), 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled paths
+# --------------------------------------------------------------------------------------------
+
+
+LAYER_SETS = [["layer1", "layer2", "layer3", "avgpool"], ["avgpool"], ["layer2", "layer3"]]
+
+
+@pytest.mark.parametrize("names", LAYER_SETS, ids=["4-layers", "avgpool", "middle"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graph_paths_give_the_extractors_states(
+    names: list[str], dtype: torch.dtype | None
+) -> None:
+    # The probe split and the analytic graph compute exactly what the hook-based extractor does,
+    # in fp32 and under autocast (where the fp32 head / pooling rules are applied in-graph).
+    net = tiny_net(1)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    betas = dict.fromkeys(names, 0.37)
+    configs = [LayerConfig(n, b, 2.0, 10) for n, b in betas.items()]
+    scorer = NacScorer(net, ProfileBuilder(net, configs).fit([x]), autocast_dtype=dtype)
+    paths = accelerate(net, scorer, x[:1], CompileConfig(backend="eager"), max_shapes=2)
+    assert paths.states is not None
+    assert paths.states.path == ("analytic" if names == ["avgpool"] else "probe")
+    expected = StateExtractor(net, betas, autocast_dtype=dtype)(x)
+    got = paths.states(x)
+    assert list(got.states) == names
+    assert torch.equal(got.logits, expected.logits)
+    for n in names:
+        assert torch.equal(got.states[n], expected.states[n]), n
+    with torch.inference_mode():
+        assert torch.equal(paths.plain(x), net(x))
+
+
+@pytest.mark.parametrize("bundle_name", ["two_layer_bundle", "head_bundle"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_bundle_predicts_like_eager(
+    bundle_name: str, precision: str, batch: torch.Tensor, request: pytest.FixtureRequest
+) -> None:
+    path = request.getfixturevalue(bundle_name)
+    eager = load_bundle(path, precision=precision)
+    compiled = load_bundle(path, precision=precision, compile=TRACE_ONLY, batch_buckets=[4, 16])
+    accel = compiled.describe()["acceleration"]
+    assert accel["compiled"] is True
+    assert accel["nac_path"] == ("probe" if bundle_name == "two_layer_bundle" else "analytic")
+    report = compiled.warmup(16)
+    assert report.sizes == (4, 16) and report.compiled
+    for n in (3, 16, 21):
+        assert_same_predictions(compiled.predict_batch(batch[:n]), eager.predict_batch(batch[:n]))
+    assert compiled.accel is not None and compiled.accel.active
+
+
+def test_plain_forward_is_compiled_too(head_bundle: Path, batch: torch.Tensor) -> None:
+    eager = load_bundle(head_bundle)
+    compiled = load_bundle(head_bundle, compile=TRACE_ONLY)
+    a = compiled.predict_batch(batch[:6], scoring=False)
+    assert_same_predictions(a, eager.predict_batch(batch[:6], scoring=False))
+    assert compiled.accel is not None and compiled.accel.compiled["forward"].active
+    torch.testing.assert_close(compiled.classify(batch[:6]), eager.classify(batch[:6]))
+
+
+def _broken_backend(gm: Any, example_inputs: Any) -> Any:
+    raise RuntimeError("this backend cannot compile anything")
+
+
+def test_compile_failure_logs_once_and_runs_eagerly(
+    two_layer_bundle: Path, batch: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    eager = load_bundle(two_layer_bundle)
+    with caplog.at_level(logging.WARNING, logger="nacguard.models.accel"):
+        broken = load_bundle(two_layer_bundle, compile=CompileConfig(backend=_broken_backend))
+        for n in (2, 5, 5):
+            got = broken.predict_batch(batch[:n])
+            assert_same_predictions(got, eager.predict_batch(batch[:n]))
+            broken.predict_batch(batch[:n], scoring=False)
+    assert broken.accel is not None and not broken.accel.active
+    assert broken.describe()["acceleration"]["compiled"] is False
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    # One warning per compiled callable (stem, probes, forward), each once.
+    assert len(failures) == len({r.getMessage().split(" failed")[0] for r in failures}) == 3
+
+
+def test_an_input_error_is_not_blamed_on_the_compiler() -> None:
+    fn = SafeCompiled(nn.Linear(4, 2), TRACE_ONLY, name="linear")
+    with pytest.raises(RuntimeError):
+        fn(torch.randn(3, 5))  # wrong width: eager fails too
+    assert fn.active
+    assert fn(torch.randn(3, 4)).shape == (3, 2)
+
+
+class _Branchy(nn.Module):
+    """Python control flow on tensor values: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body(x)
+        if float(z.detach().mean()) > 1e9:
+            z = z * 0
+        return self.fc(torch.flatten(self.avgpool(z), 1))
+
+
+class _InputSkip(nn.Module):
+    """The input itself feeds the head: no clean split at the first monitored stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.stage2(self.stage(x)).mean(dim=(2, 3))
+        return self.fc(torch.cat([pooled, x.mean(dim=(1, 2, 3)).unsqueeze(1)], dim=1))
+
+
+def test_untraceable_model_compiles_the_forward_only(caplog: pytest.LogCaptureFixture) -> None:
+    net = _Branchy().eval()
+    x = torch.randn(4, 1, 8, 8)
+    scorer = NacScorer(net, ProfileBuilder(net, [LayerConfig("body", 0.1, 2.0, 10)]).fit([x]))
+    with caplog.at_level(logging.WARNING, logger="nacguard.models.accel"):
+        paths = accelerate(net, scorer, x[:1], TRACE_ONLY)
+    assert paths.states is None
+    assert any("cannot trace" in r.getMessage() for r in caplog.records)
+    with torch.inference_mode():
+        torch.testing.assert_close(paths.plain(x), net(x))
+
+
+def test_model_without_a_clean_split_keeps_eager_nac() -> None:
+    net = _InputSkip().eval()
+    x = torch.randn(4, 1, 8, 8)
+    configs = [LayerConfig("stage", 0.1, 2.0, 10), LayerConfig("stage2", 0.1, 2.0, 10)]
+    scorer = NacScorer(net, ProfileBuilder(net, configs).fit([x]))
+    paths = accelerate(net, scorer, x[:1], TRACE_ONLY)
+    assert paths.states is None  # eager NAC, compiled plain forward
+    with torch.inference_mode():
+        torch.testing.assert_close(paths.plain(x), net(x))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_bundle_on_cpu(two_layer_bundle: Path, batch: torch.Tensor) -> None:
+    # Real code generation (C++ on CPU): numbers agree up to kernel rounding.
+    eager = load_bundle(two_layer_bundle)
+    compiled = load_bundle(two_layer_bundle, compile=True, batch_buckets=[16])
+    compiled.warmup(16)
+    assert compiled.accel is not None and compiled.accel.active
+    a, b = compiled.predict_batch(batch[:16]), eager.predict_batch(batch[:16])
+    assert [p.class_index for p in a] == [p.class_index for p in b]
+    np.testing.assert_allclose([p.nac_score for p in a], [p.nac_score for p in b], atol=0.05)
+    np.testing.assert_allclose([p.msp for p in a], [p.msp for p in b], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# JPEG decoding and tensor preprocessing
+# --------------------------------------------------------------------------------------------
+
+
+def _encode(image: Image.Image, fmt: str = "JPEG", **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _photo(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """Smooth random content (JPEG-friendly, so decoders agree closely)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
+    image = Image.fromarray(small, "RGB").resize((w, h), Image.Resampling.BICUBIC)
+    return image.convert(mode)
+
+
+def _pil_tensor(image: Image.Image) -> torch.Tensor:
+    arr = np.asarray(image)
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def test_jpeg_headers_are_read() -> None:
+    data = _encode(_photo(40, 30))
+    assert is_jpeg(data) and not is_jpeg(_encode(_photo(4, 4), "PNG"))
+    info = jpeg_info(data)
+    assert info is not None
+    assert (info.width, info.height, info.components, info.orientation) == (40, 30, 3, 1)
+    assert info.baseline
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = jpeg_info(_encode(_photo(40, 30), exif=exif.tobytes()))
+    assert rotated is not None and rotated.orientation == 6
+    progressive = jpeg_info(_encode(_photo(40, 30), progressive=True))
+    assert progressive is not None and not progressive.baseline
+    assert jpeg_info(b"\xff\xd8\xff\xe0\x00") is None
+    assert jpeg_info(b"not a jpeg") is None
+
+
+def test_cpu_jpeg_batch_decodes_and_leaves_the_rest_to_pil() -> None:
+    rgb = _encode(_photo(48, 32, seed=1))
+    gray = _encode(_photo(20, 24, seed=2, mode="L"))
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    upside_down = _encode(_photo(16, 16, seed=3), exif=exif.tobytes())
+    cmyk = _encode(_photo(16, 16, seed=4).convert("CMYK"))
+    datas = [
+        rgb,
+        _encode(_photo(8, 8), "PNG"),
+        gray,
+        rgb[: len(rgb) // 3],  # truncated
+        upside_down,
+        cmyk,
+        _encode(_photo(64, 64, seed=5), progressive=True),
+        _encode(_photo(300, 300, seed=6)),
+    ]
+    out = decode_jpeg_batch(datas, "cpu", mode="RGB", max_pixels=200 * 200)
+    assert [t is not None for t in out] == [True, False, True, False, False, False, False, False]
+    assert out[0] is not None and out[2] is not None
+    assert out[0].shape == (3, 32, 48) and out[0].dtype == torch.uint8
+    assert out[2].shape == (3, 24, 20)  # grayscale expanded to RGB
+    # libjpeg-turbo via torchvision vs via Pillow: the same decoder family, within a level or two.
+    pil = _pil_tensor(Image.open(io.BytesIO(rgb)).convert("RGB"))
+    assert (out[0].int() - pil.int()).abs().max() <= 2
+    gray_out = decode_jpeg_batch([gray, rgb], "cpu", mode="L")
+    assert [t.shape[0] if t is not None else None for t in gray_out] == [1, 1]
+    assert decode_jpeg_batch([], "cpu") == []
+
+
+def test_truncated_file_does_not_fail_its_batch_mates() -> None:
+    good = [_encode(_photo(24, 24, seed=s)) for s in range(3)]
+    broken = good[1][:-200]
+    out = decode_jpeg_batch([good[0], broken, good[2]], "cpu")
+    assert out[0] is not None and out[2] is not None
+    assert out[1] is None or out[1].shape == (3, 24, 24)  # libjpeg may pad a short scan
+
+
+@pytest.mark.parametrize(
+    ("spec", "size"),
+    [
+        (PRESETS["fashion-mnist"], (28, 28)),  # 1-channel, no resize
+        (PreprocessSpec(size=(32, 32), resize=None), (32, 32)),  # RGB, no resize
+        (PreprocessSpec(size=(28, 28), resize=32), (40, 32)),  # shorter side 32: crop only
+    ],
+)
+def test_tensor_path_equals_pil_path_without_resizing(
+    spec: PreprocessSpec, size: tuple[int, int]
+) -> None:
+    images = [_photo(*size, seed=s, mode=spec.mode) for s in range(3)]
+    expected = spec.batch(images)
+    got = preprocess_tensors([_pil_tensor(im) for im in images], spec)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
+def test_tensor_path_converts_rgb_to_luma_like_pillow() -> None:
+    image = _photo(28, 28, seed=9)
+    spec = PRESETS["fashion-mnist"]
+    assert torch.equal(preprocess_tensor(_pil_tensor(image), spec), spec(image))
+
+
+@pytest.mark.parametrize(
+    ("spec", "size"),
+    [
+        (PreprocessSpec(), (500, 375)),  # ImageNet recipe: shrink then center crop
+        (PreprocessSpec(size=(64, 64), resize=None), (90, 50)),  # direct resize, aspect change
+        (PreprocessSpec(size=(64, 64), resize=72), (40, 30)),  # enlarging
+        (PRESETS["fashion-mnist"], (56, 56)),
+    ],
+)
+def test_tensor_path_resizes_close_to_pil(spec: PreprocessSpec, size: tuple[int, int]) -> None:
+    images = [_photo(*size, seed=s, mode=spec.mode) for s in range(2)]
+    expected = spec.batch(images)
+    got = preprocess_tensors([_pil_tensor(im) for im in images], spec)
+    assert got.shape == expected.shape
+    level = 1.0 / 255.0 / min(spec.std)  # one grey level in normalised units
+    diff = (got - expected).abs()
+    assert float(diff.max()) <= 3 * level + 1e-6
+    assert float(diff.mean()) <= 0.5 * level
+
+
+def test_decoded_jpegs_preprocess_like_the_cpu_pipeline() -> None:
+    spec = PreprocessSpec()
+    datas = [_encode(_photo(320, 240, seed=s), quality=95) for s in range(3)]
+    decoded = decode_jpeg_batch(datas, "cpu")
+    assert all(t is not None for t in decoded)
+    got = preprocess_tensors([t for t in decoded if t is not None], spec)
+    expected = spec.batch([decode_image(d, max_pixels=10**7) for d in datas])
+    level = 1.0 / 255.0 / min(spec.std)
+    assert float((got - expected).abs().mean()) <= 0.5 * level
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA only
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@cuda
+def test_pinned_staging_to_cuda() -> None:
+    stager = HostStager("cuda")
+    assert stager.pin
+    for n, rows in ((3, 8), (8, 8), (5, 8), (2, 4)):
+        x = torch.randn(n, 3, 8, 8)
+        got = stager(x, rows)
+        assert got.is_cuda and got.shape[0] == rows
+        torch.testing.assert_close(got[:n].cpu(), x, rtol=0, atol=0)
+        assert not got[n:].any()
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_bundle_matches_cpu(two_layer_bundle: Path, batch: torch.Tensor) -> None:
+    cpu = load_bundle(two_layer_bundle)
+    expected = cpu.predict_batch(batch)
+    for index in range(torch.cuda.device_count()):
+        gpu = load_bundle(two_layer_bundle, f"cuda:{index}", batch_buckets=[8, 32])
+        gpu.warmup(32)
+        assert_same_predictions(gpu.predict_batch(batch), expected, atol=1e-3)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_fast_settings_stay_close(
+    two_layer_bundle: Path, batch: torch.Tensor, precision: str
+) -> None:
+    cpu = load_bundle(two_layer_bundle)
+    fast: Bundle = load_bundle(
+        two_layer_bundle,
+        "cuda",
+        precision=precision,
+        channels_last=True,
+        compile=True,
+        batch_buckets=[8, 32],
+    )
+    report = fast.warmup(32)
+    assert report.compiled
+    got, expected = fast.predict_batch(batch), cpu.predict_batch(batch)
+    agree = np.mean([a.class_index == b.class_index for a, b in zip(got, expected, strict=True)])
+    assert agree >= 0.9
+    nac_a = np.array([p.nac_score for p in got])
+    nac_b = np.array([p.nac_score for p in expected])
+    assert np.abs(nac_a - nac_b).mean() < 0.05
+
+
+@pytest.mark.gpu
+@cuda
+def test_nvjpeg_batch_matches_cpu_decode() -> None:
+    datas = [_encode(_photo(500, 375, seed=s)) for s in range(4)] + [_encode(_photo(8, 8), "PNG")]
+    on_gpu = decode_jpeg_batch(datas, "cuda")
+    on_cpu = decode_jpeg_batch(datas, "cpu")
+    assert on_gpu[-1] is None
+    for g, c in zip(on_gpu[:-1], on_cpu[:-1], strict=True):
+        assert g is not None and c is not None and g.is_cuda
+        assert (g.cpu().int() - c.int()).abs().float().mean() < 1.0
+    spec = PreprocessSpec()
+    x = preprocess_tensors([t for t in on_gpu if t is not None], spec)
+    assert x.is_cuda and x.shape == (4, 3, 224, 224)
