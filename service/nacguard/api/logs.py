@@ -95,6 +95,9 @@ def configure_logging(settings: Settings) -> None:
     # Pillow logs a line per chunk of every decoded image at debug level: volume that clients
     # control, about their uploads. Kept at info even when everything else is at debug.
     logging.getLogger("PIL").setLevel(max(logging.INFO, root.level))
+    # Python warnings (Pillow's "Corrupt EXIF data", ...) would go to stderr as plain text and
+    # break the one-JSON-object-per-line stream.
+    logging.captureWarnings(True)
     # The multipart parser warns about every malformed body it sees (with byte values from it):
     # the request already gets its 422, one access-log line is enough.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
