@@ -168,7 +168,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return (sums / counts)[inverse]
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
     """Spearman's rank correlation (Pearson correlation of tie-averaged ranks).
 
     Returns:
