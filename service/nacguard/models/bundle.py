@@ -366,10 +366,13 @@ class Bundle:
         sizes = self.warmup_sizes(max_batch_size)
         # CUDA graph trees record on the second call of a shape; run twice so that happens now.
         repeats = 2 if self.accel is not None and self._cudagraphs else 1
-        dummy = torch.zeros(1, self.preprocess.channels, *self.preprocess.size)
+        shape = (self.preprocess.channels, *self.preprocess.size)
         for size in sizes:
+            # Contiguous, like the batches that follow: compiled graphs are specialised on
+            # strides, and an expanded dummy would be compiled for the wrong layout.
+            dummy = torch.zeros(size, *shape)
             for _ in range(repeats):
-                self.predict_batch(dummy.expand(size, -1, -1, -1), scoring=scoring)
+                self.predict_batch(dummy, scoring=scoring)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         report = WarmupReport(

@@ -250,6 +250,27 @@ def test_compiled_bundle_predicts_like_eager(
     assert compiled.accel is not None and compiled.accel.active
 
 
+@pytest.mark.parametrize("bundle_name", ["two_layer_bundle", "head_bundle"])
+def test_after_warmup_no_batch_compiles_anything(
+    bundle_name: str, batch: torch.Tensor, request: pytest.FixtureRequest
+) -> None:
+    graphs: list[int] = []
+
+    def counting_backend(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(1)
+        return gm.forward
+
+    path = request.getfixturevalue(bundle_name)
+    config = CompileConfig(backend=counting_backend)
+    bundle = load_bundle(path, compile=config, batch_buckets=[4, 16], channels_last=True)
+    bundle.warmup(16)
+    compiled = len(graphs)
+    assert compiled > 0
+    for n in (3, 4, 9, 16, 21, 1):
+        bundle.predict_batch(batch[:n].clone())
+    assert len(graphs) == compiled, "a served batch hit a shape or layout warm-up did not cover"
+
+
 def test_plain_forward_is_compiled_too(head_bundle: Path, batch: torch.Tensor) -> None:
     eager = load_bundle(head_bundle)
     compiled = load_bundle(head_bundle, compile=TRACE_ONLY)
