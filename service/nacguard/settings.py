@@ -115,7 +115,12 @@ class Settings(BaseSettings):
         None, description="redis://host:port/db. Unset: in-process cache and drift window."
     )
     redis_timeout_s: float = Field(
-        0.05, gt=0, description="Per-call Redis timeout; a slow Redis degrades, never stalls."
+        0.25,
+        gt=0,
+        description="Per-call Redis timeout; a slow Redis degrades, never stalls. It is wall "
+        "time on a busy event loop, so too tight a bound (0.05 s on 2 loaded cores) marks a "
+        "healthy Redis down and drops fleet drift counts; only the first call after Redis hangs "
+        "pays it, the rest fall back at once until a health check succeeds.",
     )
     cache_enabled: bool = Field(True, description="Cache results by image hash + profile.")
     cache_ttl_s: int = Field(3600, ge=1)
