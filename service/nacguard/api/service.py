@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -296,6 +297,12 @@ class Service:
             on_batch=metrics.observe_batch,
         )
         await self.batcher.start()
+        # Everything loaded so far (torch, the model, FastAPI, pydantic: ~270k objects) lives as
+        # long as the service. Frozen, the collector stops re-scanning it in every full
+        # collection; unfrozen, each one stalled all threads for 0.1-0.4 s, every ~1.5 s under
+        # load on 2 cores (measured with gc.callbacks): that was the p99 latency. freeze() is
+        # O(1); close() unfreezes, so a process that outlives the service collects it again.
+        gc.freeze()
         self._ready.set()
         log.info(
             "ready: %s (%s) on %s in %.1fs",
@@ -350,6 +357,7 @@ class Service:
         await self.flush_drift()
         if self.store is not None:
             await self.store.close()
+        gc.unfreeze()
 
     # --- admission ----------------------------------------------------------------------------
 
