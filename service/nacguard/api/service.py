@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 import nacguard
 from nacguard.engine import Batcher, Runner
-from nacguard.errors import BundleError, InferenceFailed, NotReady, ShuttingDown
+from nacguard.errors import BundleError, InferenceFailed, NotReady, Overloaded, ShuttingDown
 from nacguard.models.bundle import Bundle, Prediction, load_bundle
 from nacguard.monitoring import DriftReport, Metrics, drift_report
 from nacguard.settings import Settings
@@ -367,8 +367,17 @@ class Service:
         Raises:
             ShuttingDown: draining.
             NotReady: still loading, or loading failed.
+            Overloaded: ``max_queue_images`` requests are in progress already.
         """
         self.check_ready()
+        if self._requests >= self.settings.max_queue_images:
+            # Requests still being read or decoded have not reached the batcher's bounded queue;
+            # without this bound a flood waits there (decode pool, event loop), unbounded and
+            # never shed. Each request holds at least one image, so this keeps the queue bound's
+            # promise: latency up to about max_queue_images / throughput, then 429.
+            raise Overloaded(
+                "too many requests in progress", retry_after=self.settings.retry_after_s
+            )
         self._admitted += 1
         self._no_admitted.clear()
         self._requests += 1

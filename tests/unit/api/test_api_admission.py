@@ -1,0 +1,54 @@
+"""Admission bound and garbage-collector freeze of the running service.
+
+Requests still reading their body or decoding have not reached the batcher's bounded queue; the
+service bounds how many are in progress (``max_queue_images``) so a flood is shed with 429 rather
+than piling up before the queue. While serving, the objects loaded at start-up are frozen out of
+the collector's full collections (which otherwise stalled every thread for 0.1-0.4 s)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncIterator
+
+from tests.fixtures.bundles import encoded_images
+from tests.unit.api.helpers import PNG, ApiFactory, until
+
+
+async def test_requests_in_progress_beyond_the_queue_bound_get_429(make_api: ApiFactory) -> None:
+    first, second, third = encoded_images(3, seed=171)
+    release = asyncio.Event()
+
+    async def slow_upload() -> AsyncIterator[bytes]:
+        yield first[:10]
+        await release.wait()  # the request is admitted, its body still uploading
+        yield first[10:]
+
+    async with make_api(max_queue_images=1, retry_after_s=2) as api:
+        uploading = asyncio.create_task(
+            api.client.post("/predict", content=slow_upload(), headers=PNG)
+        )
+        await until(lambda: api.service.requests_in_progress == 1)
+        assert api.queued == 0  # nothing reached the batcher's queue yet
+
+        r = await api.client.post("/predict", content=second, headers=PNG)
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "overloaded"
+        assert r.headers["Retry-After"] == "2"
+
+        release.set()
+        done = await uploading
+        assert done.status_code == 200, done.text
+        assert len(done.json()["predictions"]) == 1
+        # The bound is released with the request: the next one is served.
+        r = await api.client.post("/predict", content=third, headers=PNG)
+        assert r.status_code == 200, r.text
+        assert api.service.requests_in_progress == 0
+
+
+async def test_start_up_objects_are_frozen_while_serving(make_api: ApiFactory) -> None:
+    assert gc.get_freeze_count() == 0
+    async with make_api() as api:
+        assert api.service.ready
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
