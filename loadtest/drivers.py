@@ -51,6 +51,11 @@ __all__ = [
 ]
 
 
+#: A connection idle for longer is replaced rather than reused: servers close idle keep-alive
+#: connections (uvicorn after 5 s), and a request written into one that is being closed fails.
+_MAX_IDLE_S = 3.0
+
+
 class HttpError(Exception):
     """A malformed or truncated response, or a closed connection."""
 
@@ -87,6 +92,7 @@ class HttpConnection:
         self.timeout = timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._last_used = 0.0
 
     async def request(
         self,
@@ -113,8 +119,17 @@ class HttpConnection:
     async def _exchange(
         self, method: str, path: str, body: bytes, headers: Sequence[tuple[str, str]]
     ) -> Reply:
-        if self._writer is None or self._writer.is_closing():
+        now = time.monotonic()
+        if (
+            self._writer is None
+            or self._writer.is_closing()
+            or self._reader is None
+            or self._reader.at_eof()  # the server closed it while idle
+            or now - self._last_used > _MAX_IDLE_S
+        ):
+            self.close()
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        self._last_used = now
         reader, writer = self._reader, self._writer
         assert reader is not None
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
@@ -142,6 +157,7 @@ class HttpConnection:
             reply_headers["connection"] = "close"
         if reply_headers.get("connection", "").lower() == "close":
             self.close()
+        self._last_used = time.monotonic()
         return Reply(status=int(parts[1]), headers=reply_headers, body=data)
 
     @staticmethod
