@@ -54,6 +54,7 @@ from nacguard.nac.scoring import NacScorer
 from nacguard.nac.states import (
     ForwardStates,
     StateExtractor,
+    find_head,
     fp32_linear,
     head_states,
     reads_fp32,
@@ -390,7 +391,7 @@ def _trace(model: nn.Module, names: Sequence[str]) -> _BaseGraph:
     fe = create_feature_extractor(model, return_nodes=return_nodes)
     graph = getattr(fe, "eval_graph", fe.graph)
     gm = fx.GraphModule(fe, graph)
-    head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
+    head = find_head(model)  # the same head the extractor uses
     head_target = None
     for node in gm.graph.nodes:
         if node.op == "call_module" and head is not None and gm.get_submodule(node.target) is head:

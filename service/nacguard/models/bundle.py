@@ -199,6 +199,12 @@ class Bundle:
         self.batch_buckets = normalize_buckets(batch_buckets)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if device.type == "cuda" and self.autocast_dtype is None:
+            # fp32 means fp32: cuDNN's default TF32 convolutions keep 10 mantissa bits, which
+            # moves NAC states like fp16 would (process-wide flag; the matmul one is off by
+            # default). For speed, choose fp16 and its fp32 islands instead.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         if device.type == "cuda" and self.batch_buckets:
             # Fixed shapes: let cuDNN time its algorithms once per bucket (process-wide flag;
             # with free batch sizes it would re-time for every new size instead).
@@ -217,6 +223,11 @@ class Bundle:
             else None
         )
         if config is not None:
+            if not self.batch_buckets:
+                log.warning(
+                    "compile without batch_buckets: every new batch size is compiled when it "
+                    "first arrives (seconds to minutes each); set batch_buckets"
+                )
             self.accel = accelerate(
                 self.model,
                 self.scorer,

@@ -533,10 +533,18 @@ def test_pinned_staging_to_cuda() -> None:
 def test_cuda_bundle_matches_cpu(two_layer_bundle: Path, batch: torch.Tensor) -> None:
     cpu = load_bundle(two_layer_bundle)
     expected = cpu.predict_batch(batch)
-    for index in range(torch.cuda.device_count()):
+    for index in range(torch.cuda.device_count()):  # one bundle per device
         gpu = load_bundle(two_layer_bundle, f"cuda:{index}", batch_buckets=[8, 32])
-        gpu.warmup(32)
-        assert_same_predictions(gpu.predict_batch(batch), expected, atol=1e-3)
+        assert not torch.backends.cudnn.allow_tf32, "fp32 bundles turn TF32 off"
+        assert gpu.warmup(32).sizes == (8, 32)
+        got = gpu.predict_batch(batch)
+        assert [p.class_index for p in got] == [p.class_index for p in expected]
+        np.testing.assert_allclose(
+            [p.probabilities for p in got], [p.probabilities for p in expected], atol=1e-4
+        )
+        # Kernel rounding may move a rare state across a bin edge: compare on average.
+        nac = np.abs([a.nac_score - b.nac_score for a, b in zip(got, expected, strict=True)])
+        assert nac.mean() < 2e-3
 
 
 @pytest.mark.gpu
@@ -555,13 +563,17 @@ def test_cuda_fast_settings_stay_close(
         batch_buckets=[8, 32],
     )
     report = fast.warmup(32)
-    assert report.compiled
+    assert report.sizes == (8, 32) and report.compiled
+    assert fast.describe()["acceleration"]["nac_path"] == "probe"
     got, expected = fast.predict_batch(batch), cpu.predict_batch(batch)
-    agree = np.mean([a.class_index == b.class_index for a, b in zip(got, expected, strict=True)])
-    assert agree >= 0.9
-    nac_a = np.array([p.nac_score for p in got])
-    nac_b = np.array([p.nac_score for p in expected])
-    assert np.abs(nac_a - nac_b).mean() < 0.05
+    assert len(got) == len(expected) == len(batch)
+    probs = np.array([p.probabilities for p in got])
+    assert np.isfinite(probs).all()
+    assert np.abs(probs - np.array([p.probabilities for p in expected])).max() < 0.05
+    nac = np.abs([a.nac_score - b.nac_score for a, b in zip(got, expected, strict=True)])
+    assert nac.mean() < 0.05
+    plain = fast.predict_batch(batch[:5], scoring=False)
+    assert all(np.isnan(p.nac_score) for p in plain)
 
 
 @pytest.mark.gpu
@@ -573,7 +585,8 @@ def test_nvjpeg_batch_matches_cpu_decode() -> None:
     assert on_gpu[-1] is None
     for g, c in zip(on_gpu[:-1], on_cpu[:-1], strict=True):
         assert g is not None and c is not None and g.is_cuda
-        assert (g.cpu().int() - c.int()).abs().float().mean() < 1.0
+        # nvjpeg and libjpeg-turbo differ in IDCT and chroma upsampling details.
+        assert (g.cpu().int() - c.int()).abs().float().mean() < 3.0
     spec = PreprocessSpec()
     x = preprocess_tensors([t for t in on_gpu if t is not None], spec)
     assert x.is_cuda and x.shape == (4, 3, 224, 224)
