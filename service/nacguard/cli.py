@@ -235,6 +235,31 @@ def _cmd_model_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review_export(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from nacguard.store.review_export import export_review
+
+    url = args.redis_url or Settings().redis_url
+    if not url:
+        raise ValueError("give --redis-url (or set NACGUARD_REDIS_URL)")
+    result = asyncio.run(
+        export_review(
+            url,
+            Path(args.out),
+            stream=args.stream,
+            group=args.group,
+            consumer=args.consumer,
+            count=args.count,
+        )
+    )
+    print(
+        f"exported {result.exported} entries ({result.images} with image bytes) to "
+        f"{result.out_dir}; index: {result.index_json.name}, {result.index_csv.name}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nacguard", description=__doc__)
     p.add_argument("--log-level", default="info")
@@ -290,6 +315,17 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("profile")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_profile_inspect)
+
+    review = sub.add_parser("review", help="the OOD review stream (flagged images in Redis)")
+    rsub = review.add_subparsers(dest="review_command", required=True)
+    r = rsub.add_parser("export", help="write flagged images + index.json/index.csv to a folder")
+    r.add_argument("--redis-url", help="default: NACGUARD_REDIS_URL")
+    r.add_argument("--out", required=True)
+    r.add_argument("--stream", default=Settings.model_fields["review_stream"].default)
+    r.add_argument("--group", help="consumer group: export each entry once per group, then ack")
+    r.add_argument("--consumer", default="nacguard-export")
+    r.add_argument("--count", type=int, help="at most N entries")
+    r.set_defaults(func=_cmd_review_export)
 
     s = sub.add_parser("score", help="score image files or folders offline")
     s.add_argument("--profile", required=True)
