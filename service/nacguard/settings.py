@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     )
     channels_last: bool = Field(False, description="channels_last memory format (GPU conv nets).")
     compile: bool = Field(False, description="torch.compile the model; falls back to eager.")
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field(
+        "default",
+        description="torch.compile mode when compile is on. reduce-overhead records CUDA graphs "
+        "(least launch overhead, most GPU memory); max-autotune also times kernel variants "
+        "(much longer start-up).",
+    )
     batch_buckets: list[int] = Field(
         default_factory=list,
         description="Pad batches up to these sizes (warmed up before ready) so compiled graphs "

@@ -163,8 +163,8 @@ class Bundle:
             convolutions on tensor-core GPUs; also valid on CPU).
         compile: torch.compile the plain forward and the NAC paths (True, or a
             :class:`~nacguard.models.accel.CompileConfig`); a failure falls back to eager.
-        compile_mode: ``torch.compile`` mode when ``compile`` is True (e.g. "reduce-overhead"
-            for CUDA graphs).
+        compile_mode: ``torch.compile`` mode when ``compile`` is True (``None``/"default", or
+            e.g. "reduce-overhead" for CUDA graphs; see ``Settings.compile_mode``).
         batch_buckets: pad batches to these sizes (see :mod:`nacguard.models.accel`).
     """
 
@@ -218,7 +218,7 @@ class Bundle:
         config = (
             compile
             if isinstance(compile, CompileConfig)
-            else CompileConfig(mode=compile_mode)
+            else CompileConfig(mode=None if compile_mode in (None, "default") else compile_mode)
             if compile
             else None
         )
@@ -552,7 +552,7 @@ def load_bundle(
         precision: "fp32", "bf16" or "fp16" autocast for the forward (states stay fp32).
         channels_last: channels-last memory format for the model and its inputs.
         compile: torch.compile the forward and NAC paths (falls back to eager on failure).
-        compile_mode: torch.compile mode, e.g. "reduce-overhead" (CUDA graphs).
+        compile_mode: torch.compile mode: None/"default", "reduce-overhead" (CUDA graphs), ...
         batch_buckets: pad batches up to these sizes (warm them with :meth:`Bundle.warmup`).
 
     Raises:
