@@ -215,13 +215,11 @@ class Bundle:
         self._stager = HostStager(device)
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
         self.accel: AcceleratedPaths | None = None
-        config = (
-            compile
-            if isinstance(compile, CompileConfig)
-            else CompileConfig(mode=None if compile_mode in (None, "default") else compile_mode)
-            if compile
-            else None
-        )
+        config: CompileConfig | None = None
+        if isinstance(compile, CompileConfig):
+            config = compile
+        elif compile:
+            config = CompileConfig(mode=None if compile_mode in (None, "default") else compile_mode)
         if config is not None:
             if not self.batch_buckets:
                 log.warning(
