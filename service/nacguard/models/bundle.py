@@ -44,6 +44,7 @@ from nacguard.models.accel import (
     normalize_buckets,
     plan_chunks,
 )
+from nacguard.models.demo import DEMO_ARCHITECTURE
 from nacguard.models.loading import build_model, sha256_file
 from nacguard.models.preprocess import PreprocessSpec
 from nacguard.nac import LayerConfig, LayerProfile, NacProfile, NacScorer, ScoreBatch
@@ -246,6 +247,8 @@ class Bundle:
     def model_name(self) -> str:
         """A short name of the classifier architecture."""
         ref = self.meta.get("model", {})
+        if ref.get("kind") == "demo":
+            return DEMO_ARCHITECTURE
         return str(ref.get("name") or ref.get("arch") or ref.get("kind", "model"))
 
     @property

@@ -24,7 +24,7 @@ async def test_healthz_and_readyz(api: Api) -> None:
     }
     ready = await api.client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "profile": "tiny-fashion", "model": "demo"}
+    assert ready.json() == {"status": "ready", "profile": "tiny-fashion", "model": "fashion-cnn"}
 
 
 async def test_profile(api: Api) -> None:

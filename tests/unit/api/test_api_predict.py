@@ -43,7 +43,7 @@ async def test_raw_png_body(api: Api, tiny_bundle: Path) -> None:
     r = await api.client.post("/predict", content=image, headers=PNG)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == "demo"
+    assert body["model"] == "fashion-cnn"
     assert body["profile"] == "tiny-fashion"
     _assert_matches(body["predictions"], _expected(tiny_bundle, [image]))
     # A single-image request is computed exactly as the offline pipeline computes it.
