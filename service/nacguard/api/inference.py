@@ -17,7 +17,7 @@ import torch
 from nacguard.models.bundle import Bundle, Prediction
 from nacguard.settings import Settings
 
-__all__ = ["BatchInfo", "DeviceCompute", "ImageResult", "warm_up_sizes"]
+__all__ = ["BatchInfo", "DeviceCompute", "ImageResult"]
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,17 @@ class ImageResult:
     batch: BatchInfo
 
 
-def warm_up_sizes(settings: Settings) -> list[int]:
-    """Batch sizes run before the server reports ready: 1, every bucket and the largest."""
-    return sorted({1, settings.max_batch_size, *settings.batch_buckets})
-
-
 class DeviceCompute:
     """The runner's compute function for one device's bundle.
 
+    The first call (the service's warm-up, before readiness) prepares the runner thread and runs
+    :meth:`Bundle.warmup` there: every batch-size bucket once, so compilation, CUDA graph capture
+    and cuDNN autotuning happen on the thread that will compute, before the first request.
+    Bucket padding, channels_last and pinned host staging happen inside the bundle.
+
     Args:
         bundle: the bundle loaded on this device.
-        settings: ``scoring``, ``torch_threads``, ``batch_buckets`` and ``channels_last``.
+        settings: ``scoring``, ``torch_threads`` and ``max_batch_size``.
     """
 
     def __init__(self, bundle: Bundle, settings: Settings) -> None:
@@ -67,41 +67,27 @@ class DeviceCompute:
         self.device = str(bundle.device)
         self._scoring = settings.scoring
         self._threads = settings.torch_threads
-        self._buckets = list(settings.batch_buckets)
-        self._channels_last = settings.channels_last
+        self._max_batch_size = settings.max_batch_size
         self._seq = itertools.count()
         self._thread_ready = False
 
     def _prepare_thread(self) -> None:
-        # Intra-op thread counts and the current CUDA device are per-thread settings: they must
-        # be made on the thread that runs the model.
+        # Intra-op thread counts, the current CUDA device and CUDA graphs are per-thread: they
+        # must be set up on the thread that runs the model.
         if self._threads:
             torch.set_num_threads(self._threads)
         if self.bundle.device.type == "cuda" and self.bundle.device.index is not None:
             torch.cuda.set_device(self.bundle.device)
-        if self._channels_last:
-            self.bundle.model.to(memory_format=torch.channels_last)
+        report = self.bundle.warmup(self._max_batch_size, scoring=self._scoring)
+        log.info("warmed up %s: %s", self.device, report)
         self._thread_ready = True
-
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad ``x`` with zero images to the smallest bucket that holds it."""
-        n = x.shape[0]
-        size = next((b for b in self._buckets if b >= n), n)
-        if size == n:
-            return x
-        return torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
 
     def __call__(self, items: list[torch.Tensor]) -> list[ImageResult]:
         """Compute one batch; results in item order."""
         if not self._thread_ready:
             self._prepare_thread()
         started = time.monotonic()
-        x = self._padded(torch.stack(items))
-        if self._channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        # Padding images are scored too (their rows are dropped): per-image scores do not depend
-        # on batch-mates, since the model runs in eval mode.
-        predictions = self.bundle.predict_batch(x, scoring=self._scoring)[: len(items)]
+        predictions = self.bundle.predict_batch(torch.stack(items), scoring=self._scoring)
         info = BatchInfo(
             device=self.device,
             seq=next(self._seq),

@@ -41,7 +41,7 @@ from nacguard.monitoring import DriftReport, Metrics, drift_report
 from nacguard.settings import Settings
 from nacguard.store import ReviewRecord, Store, make_store
 
-from .inference import BatchInfo, DeviceCompute, ImageResult, warm_up_sizes
+from .inference import BatchInfo, DeviceCompute, ImageResult
 from .inputs import InputLimits, RawImage, decode_images
 
 __all__ = ["Admission", "PredictOutcome", "Service"]
@@ -235,12 +235,20 @@ class Service:
 
     def _load_bundles(self) -> list[Bundle]:
         s = self.settings
-        if s.compile:
-            log.warning("compile=true is not supported by the NAC scorer yet; running eagerly")
         bundles = []
         for device in s.devices:
             log.info("loading profile %s onto %s", s.profile, device)
-            bundles.append(load_bundle(s.profile, device, precision=s.precision))
+            bundles.append(
+                load_bundle(
+                    s.profile,
+                    device,
+                    precision=s.precision,
+                    channels_last=s.channels_last,
+                    compile=s.compile,
+                    compile_mode=s.compile_mode,
+                    batch_buckets=s.batch_buckets,
+                )
+            )
         if bundles[0].calibration is None:
             raise BundleError(f"{s.profile}: the profile has no calibration, so no OOD threshold")
         return bundles
@@ -286,8 +294,8 @@ class Service:
         spec = bundle.preprocess
         dummy = torch.zeros(spec.channels, *spec.size)
         for runner in self._runners:
-            for size in warm_up_sizes(s):
-                await runner.run([dummy] * size)
+            # The first batch a runner computes warms its bundle up on the runner's own thread.
+            await runner.run([dummy])
         self.batcher = Batcher(
             self._runners,
             max_batch_size=s.max_batch_size,

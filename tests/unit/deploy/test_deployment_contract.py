@@ -256,7 +256,7 @@ def thread_problems(objs: list[Obj]) -> list[str]:
 
 
 def gpu_problems(objs: list[Obj]) -> list[str]:
-    """GPU pods ask for a GPU, land on GPU nodes, and run CUDA in bf16."""
+    """GPU pods ask for a GPU, land on GPU nodes, and run CUDA in fp16."""
     _, pod, container = _server(objs)
     env = container_env(container, objs)
     resources = container.get("resources", {})
@@ -280,8 +280,8 @@ def gpu_problems(objs: list[Obj]) -> list[str]:
         problems.append(f"NACGUARD_DEVICE is {env.get('NACGUARD_DEVICE')!r}, expected cuda")
     elif len(devices) > max(gpus, 1):
         problems.append(f"{len(devices)} CUDA devices configured for {gpus} GPU(s)")
-    if env.get("NACGUARD_PRECISION") != "bf16":
-        problems.append(f"NACGUARD_PRECISION is {env.get('NACGUARD_PRECISION')!r}, expected bf16")
+    if env.get("NACGUARD_PRECISION") != "fp16":
+        problems.append(f"NACGUARD_PRECISION is {env.get('NACGUARD_PRECISION')!r}, expected fp16")
     return problems
 
 
@@ -460,7 +460,7 @@ GPU_MUTATIONS: dict[str, tuple[Mutation, str]] = {
     "no node selector": (lambda o: _server(o)[1].pop("nodeSelector"), "nodeSelector"),
     "no toleration": (lambda o: _server(o)[1].pop("tolerations"), "toleration"),
     "cpu device": (lambda o: _config(o)["data"].update(NACGUARD_DEVICE="cpu"), "expected cuda"),
-    "fp32": (lambda o: _config(o)["data"].update(NACGUARD_PRECISION="fp32"), "bf16"),
+    "fp32": (lambda o: _config(o)["data"].update(NACGUARD_PRECISION="fp32"), "fp16"),
     "two devices one gpu": (
         lambda o: _config(o)["data"].update(NACGUARD_DEVICE="cuda:0,cuda:1"),
         "2 CUDA devices",

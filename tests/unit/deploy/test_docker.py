@@ -200,7 +200,7 @@ def test_device_defaults_match_the_variant() -> None:
     cuda = stages(DOCKERFILES["cuda"])[-1].env()
     assert cpu.get("NACGUARD_DEVICE", "cpu") == "cpu"
     assert cuda["NACGUARD_DEVICE"].startswith("cuda")
-    assert cuda["NACGUARD_PRECISION"] == "bf16"
+    assert cuda["NACGUARD_PRECISION"] == "fp16"
     cuda_text = DOCKERFILES["cuda"].read_text()
     assert "whl/cpu" not in cuda_text, "the CUDA image must not install the CPU-only wheels"
 
