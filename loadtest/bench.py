@@ -112,6 +112,7 @@ class BenchPlan:
         open_duration_s: measured seconds of the 0.5x and 2x open loops.
         open_point_duration_s: measured seconds of the other open-loop points.
         images_per_request: request sizes to draw from.
+        multi_images: images per request of the second batching comparison (0: skip it).
         ood_fraction: share of generated OOD images.
         encodings: request encodings to draw from.
         repeated_images: distinct images behind the cache comparison's requests.
@@ -130,6 +131,7 @@ class BenchPlan:
     open_duration_s: float = 12.0
     open_point_duration_s: float = 4.0
     images_per_request: tuple[int, ...] = (1,)
+    multi_images: int = 8
     ood_fraction: float = 0.2
     encodings: tuple[str, ...] = ENCODINGS
     repeated_images: int = 64
@@ -299,7 +301,7 @@ def nac_in_process(
 # --- the run -------------------------------------------------------------------------------------
 
 
-def _payloads(plan: BenchPlan, size: int) -> tuple[list[Payload], list[Payload]]:
+def _payloads(plan: BenchPlan, size: int) -> tuple[list[Payload], list[Payload], list[Payload]]:
     encodings: Any = plan.encodings
     unique = build_payloads(
         1024,
@@ -318,7 +320,19 @@ def _payloads(plan: BenchPlan, size: int) -> tuple[list[Payload], list[Payload]]
         size=size,
         seed=1,
     )
-    return unique, repeated
+    multi = (
+        build_payloads(
+            256,
+            images_per_request=(plan.multi_images,),
+            ood_fraction=plan.ood_fraction,
+            encodings=[e for e in encodings if e != "raw"] or ["multipart"],
+            size=size,
+            seed=2,
+        )
+        if plan.multi_images > 1
+        else []
+    )
+    return unique, repeated, multi
 
 
 def _input_size(profile: Path | None) -> int:
@@ -357,7 +371,7 @@ def run_bench(
     """
     started = time.perf_counter()
     extra = dict(extra or {})
-    unique, repeated = _payloads(plan, _input_size(profile))
+    unique, repeated, multi = _payloads(plan, _input_size(profile))
     closed: dict[str, list[RunResult]] = {}
     sweep: list[RunResult] = []
     opened: list[RunResult] = []
@@ -388,6 +402,12 @@ def run_bench(
             ("cache on, repeated images", "cache", repeated),
             ("cache off, repeated images", "batching", repeated),
         ]
+        if multi:
+            n = plan.multi_images
+            comparisons += [
+                (f"batching, {n} images/request", "batching", multi),
+                (f"no-batching, {n} images/request", "no-batching", multi),
+            ]
         for rnd in range(plan.rounds):
             log.info("closed loop, %d clients, round %d/%d", plan.concurrency, rnd + 1, plan.rounds)
             # Alternate the order between rounds so no configuration always follows another.
@@ -407,9 +427,13 @@ def run_bench(
 
         saturation_rps = merged["batching"].throughput_rps
         s = servers["batching"]
+        queue_bound = int(str({**BENCH_DEFAULTS, **extra}.get("max_queue_images", 1024)))
         for fraction in plan.open_fractions:
             main_point = fraction in (0.5, 2.0)
             rate = max(1.0, fraction * saturation_rps)
+            # Below saturation a few connections suffice; at and above it the pool must exceed
+            # the server's bound on requests in progress, or the generator sheds load itself.
+            pool = 256 if fraction < 1.0 else 2 * queue_bound
             result = asyncio.run(
                 open_loop(
                     s.url,
@@ -418,7 +442,7 @@ def run_bench(
                     label=f"open {fraction:g}x",
                     duration_s=plan.open_duration_s if main_point else plan.open_point_duration_s,
                     warmup_s=plan.warmup_s,
-                    max_connections=4096,
+                    max_connections=pool,
                     server_pid=s.process.pid,
                 )
             )
@@ -443,23 +467,30 @@ def run_bench(
         "saturation_rps": saturation_rps,
         "in_process": inproc,
     }
-    report["ratios"] = _ratios(merged)
+    report["ratios"] = _ratios(merged, plan.multi_images)
     report["targets"] = [asdict(t) for t in _targets(merged, opened)]
     report["meta"]["wall_s"] = time.perf_counter() - started
     # Full latency lists are large; keep percentiles only, plus the curves' points.
     return report
 
 
-def _ratios(m: Mapping[str, RunResult]) -> dict[str, float]:
+def _ratios(m: Mapping[str, RunResult], multi_images: int = 0) -> dict[str, float]:
     def ratio(a: str, b: str) -> float:
-        den = m[b].images_per_s
-        return m[a].images_per_s / den if den else math.nan
+        if a not in m or b not in m or not m[b].images_per_s:
+            return math.nan
+        return m[a].images_per_s / m[b].images_per_s
 
-    return {
+    out = {
         "batching_over_no_batching": ratio("batching", "no-batching"),
         "nac_over_plain": ratio("batching", "plain"),
         "cache_on_over_off": ratio("cache on, repeated images", "cache off, repeated images"),
     }
+    if multi_images > 1:
+        out["batching_over_no_batching_multi"] = ratio(
+            f"batching, {multi_images} images/request",
+            f"no-batching, {multi_images} images/request",
+        )
+    return out
 
 
 def _targets(m: Mapping[str, RunResult], opened: Sequence[RunResult]) -> list[Target]:
@@ -629,20 +660,33 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"({c['cache on, repeated images']['cache_hit_rate']:.0%} hits)",
         ),
         row("result cache", "cache off, repeated images", "1x"),
+    ]
+    n = plan.get("multi_images", 0)
+    if n and f"batching, {n} images/request" in c:
+        lines += [
+            row(
+                f"batching, {n}-image requests",
+                f"batching, {n} images/request",
+                f"**{_f(r.get('batching_over_no_batching_multi'), '{:.2f}')}x**",
+            ),
+            row(f"batching, {n}-image requests", f"no-batching, {n} images/request", "1x"),
+        ]
+    lines += [
         "",
         f"Open loop on the batching server (saturation = {report['saturation_rps']:.0f} req/s, "
         "the closed-loop throughput above; latency from each request's scheduled send time):",
         "",
         "| arrival rate | req/s asked | req/s answered 200 | p50 ms | p95 ms | p99 ms | p99/p50 "
-        "| mean batch | status codes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mean batch | status codes | 429/503 p99 ms | generator lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in report["open"]:
         ratio = o["p99_ms"] / o["p50_ms"] if o["p50_ms"] and o["p99_ms"] is not None else None
         lines.append(
             f"| {o['label'].split()[1]} | {o['target_rps']:.0f} | {_f(o['throughput_rps'])} "
             f"| {_f(o['p50_ms'])} | {_f(o['p95_ms'])} | {_f(o['p99_ms'])} | {_f(ratio, '{:.2f}')} "
-            f"| {_f(o['mean_batch'])} | {_codes(o['status_codes'])} |"
+            f"| {_f(o['mean_batch'])} | {_codes(o['status_codes'])} "
+            f"| {_f(o.get('rejected_p99_ms'))} | {_f(o.get('send_lag_p99_ms'))} |"
         )
     lines += [
         "",

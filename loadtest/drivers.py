@@ -94,6 +94,19 @@ class HttpConnection:
         self._writer: asyncio.StreamWriter | None = None
         self._last_used = 0.0
 
+    async def connect(self) -> None:
+        """Open the connection now (otherwise the first request does).
+
+        Raises:
+            OSError: the connection could not be made.
+            TimeoutError: not within ``timeout``.
+        """
+        self.close()
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), self.timeout
+        )
+        self._last_used = time.monotonic()
+
     async def request(
         self,
         method: str,
@@ -231,7 +244,7 @@ class RunResult:
     Attributes:
         label: which configuration.
         mode: ``closed`` or ``open``.
-        concurrency: closed loop: clients; open loop: most connections the generator opened.
+        concurrency: closed loop: clients; open loop: connections of the generator's pool.
         target_rps: open loop: the arrival rate asked for (0 for closed loop).
         duration_s: measured seconds.
         sent: requests sent in the measured window.
@@ -247,6 +260,10 @@ class RunResult:
         header_batch_count: number of those values.
         server_cpu_s: server process CPU seconds in the window.
         client_cpu_s: load generator CPU seconds in the window.
+        rejected_p99_ms: 99th-percentile latency of the 429/503 answers (shedding should be
+            fast).
+        send_lag_p99_ms: open loop: 99th percentile of how late requests left the generator
+            after their scheduled time (large = the generator, not the server, was the limit).
         latencies_ms: latency of every 200 answer.
     """
 
@@ -266,6 +283,8 @@ class RunResult:
     header_batch_count: int = 0
     server_cpu_s: float = math.nan
     client_cpu_s: float = math.nan
+    rejected_p99_ms: float = math.nan
+    send_lag_p99_ms: float = math.nan
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -396,6 +415,8 @@ def merge_runs(runs: Sequence[RunResult], label: str | None = None) -> RunResult
         header_batch_count=sum(r.header_batch_count for r in runs),
         server_cpu_s=sum(r.server_cpu_s for r in runs),
         client_cpu_s=sum(r.client_cpu_s for r in runs),
+        rejected_p99_ms=max((r.rejected_p99_ms for r in runs), default=math.nan),
+        send_lag_p99_ms=max((r.send_lag_p99_ms for r in runs), default=math.nan),
         latencies_ms=[v for r in runs for v in r.latencies_ms],
     )
 
@@ -407,6 +428,8 @@ class _Recorder:
     measure_from: float
     stop_at: float
     latencies: list[float] = field(default_factory=list)
+    rejected_latencies: list[float] = field(default_factory=list)
+    send_lags: list[float] = field(default_factory=list)
     codes: Counter[str] = field(default_factory=Counter)
     sent: int = 0
     ok: int = 0
@@ -429,6 +452,8 @@ class _Recorder:
             self.codes["transport"] += 1
             return
         self.codes[str(reply.status)] += 1
+        if reply.status in (429, 503):
+            self.rejected_latencies.append((done - scheduled) * 1000.0)
         if reply.status == 200:
             self.ok += 1
             self.images_ok += images
@@ -468,6 +493,10 @@ class _Meter:
         return d[0], d[1], d[2], d[3]
 
 
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
 def _summary(
     rec: _Recorder,
     meter: _Meter,
@@ -501,6 +530,8 @@ def _summary(
         server_cpu_s=server_cpu,
         client_cpu_s=client_cpu,
         latencies_ms=rec.latencies,
+        rejected_p99_ms=_pct(rec.rejected_latencies, 99),
+        send_lag_p99_ms=_pct(rec.send_lags, 99),
     )
 
 
@@ -589,9 +620,11 @@ async def open_loop(
 ) -> RunResult:
     """Send ``POST {url}/predict`` at ``rate`` requests per second, whatever the answers.
 
-    Requests are scheduled at fixed intervals (``poisson=True``: exponential gaps with the same
-    mean) and each goes out on an idle connection, opening a new one while fewer than
-    ``max_connections`` are open. When every connection is busy the request is counted under
+    ``max_connections`` keep-alive connections are opened first (like a proxy's connection
+    pool; opening them on demand at an overload rate floods the server's accept backlog, and
+    dropped SYNs then retry after 1, 3, 7 s: latency of the kernel, not of the server). Requests
+    are scheduled at fixed intervals (``poisson=True``: exponential gaps with the same mean) and
+    each goes out on an idle connection; when every connection is busy it is counted under
     ``"not_sent"`` (the generator, not the server, was the limit). After the window, requests
     still in flight are awaited up to ``timeout_s``.
 
@@ -602,7 +635,7 @@ async def open_loop(
         label: name of the run.
         duration_s: measured seconds of arrivals.
         warmup_s: seconds of arrivals before, not recorded.
-        max_connections: bound on concurrent connections (and requests in flight).
+        max_connections: connections opened up front: the bound on requests in flight.
         poisson: exponential instead of fixed inter-arrival times.
         server_pid: the server's process id, to report its CPU time per request.
         timeout_s: per-request timeout (a timeout counts as a transport error).
@@ -614,15 +647,25 @@ async def open_loop(
     if rate <= 0:
         raise ValueError("rate must be positive")
     host, port = _host_port(url)
+    pool = [HttpConnection(host, port, timeout=timeout_s) for _ in range(max_connections)]
+    gate = asyncio.Semaphore(64)
+
+    async def connect(conn: HttpConnection) -> None:
+        async with gate:
+            with contextlib.suppress(OSError, TimeoutError):  # it connects again when used
+                await conn.connect()
+
+    await asyncio.gather(*(connect(conn) for conn in pool))
+    idle: deque[HttpConnection] = deque(pool)
     start = time.perf_counter()
     rec = _Recorder(start + warmup_s, start + warmup_s + duration_s)
     meter = _Meter(url, server_pid)
-    idle: deque[HttpConnection] = deque()
-    opened = 0
     tasks: set[asyncio.Task[None]] = set()
     rng = random.Random(seed)
 
     async def one(conn: HttpConnection, payload: Payload, scheduled: float) -> None:
+        if rec.counts(scheduled):
+            rec.send_lags.append((time.perf_counter() - scheduled) * 1000.0)
         reply = await _send(conn, payload)
         rec.record(scheduled, time.perf_counter(), reply, payload.images)
         idle.append(conn)
@@ -636,9 +679,6 @@ async def open_loop(
             await asyncio.sleep(due - now)
         if idle:
             conn = idle.pop()
-        elif opened < max_connections:
-            conn = HttpConnection(host, port, timeout=timeout_s)
-            opened += 1
         else:
             if rec.counts(due):
                 rec.sent += 1
@@ -659,14 +699,14 @@ async def open_loop(
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*tasks, return_exceptions=True)
-    for conn in idle:
+    for conn in pool:
         conn.close()
     return _summary(
         rec,
         meter,
         label=label,
         mode="open",
-        concurrency=opened,
+        concurrency=max_connections,
         target_rps=rate,
         duration_s=duration_s,
     )

@@ -43,6 +43,8 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
 
     report = _strict_json((out / "bench.json").read_text())
     expected = {
+        "batching, 8 images/request",
+        "no-batching, 8 images/request",
         "batching",
         "no-batching",
         "plain",
@@ -56,6 +58,10 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
         assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"], key
         assert run["images_per_s"] > 0, key
     assert report["closed"]["no-batching"]["mean_batch"] == 1.0
+    assert report["closed"]["no-batching, 8 images/request"]["mean_batch"] == 1.0
+    assert report["closed"]["batching, 8 images/request"]["images_per_s"] == pytest.approx(
+        8 * report["closed"]["batching, 8 images/request"]["throughput_rps"]
+    )
     assert report["closed"]["batching"]["mean_batch"] >= 1.0
     # Repeated images with the cache on: after the first sighting every image is a hit.
     assert report["closed"]["cache on, repeated images"]["cache_hit_rate"] > 0.5
@@ -77,6 +83,7 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
         "batching_over_no_batching",
         "nac_over_plain",
         "cache_on_over_off",
+        "batching_over_no_batching_multi",
     }
     assert len(report["targets"]) == 5
     assert all(isinstance(t["met"], bool) for t in report["targets"])
