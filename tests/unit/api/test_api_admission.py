@@ -2,7 +2,7 @@
 
 Requests still reading their body or decoding have not reached the batcher's bounded queue; the
 service bounds how many are in progress (``max_queue_images``) so a flood is shed with 429 rather
-than piling up before the queue. While serving, the objects loaded at start-up are frozen out of
+than piling up before the queue, and sheds before routing, where a rejection is cheap. While serving, the objects loaded at start-up are frozen out of
 the collector's full collections (which otherwise stalled every thread for 0.1-0.4 s)."""
 
 from __future__ import annotations
@@ -44,6 +44,42 @@ async def test_requests_in_progress_beyond_the_queue_bound_get_429(make_api: Api
         r = await api.client.post("/predict", content=third, headers=PNG)
         assert r.status_code == 200, r.text
         assert api.service.requests_in_progress == 0
+
+
+async def test_a_full_service_sheds_before_routing_and_validation(make_api: ApiFactory) -> None:
+    first, second = encoded_images(2, seed=172)
+    release = asyncio.Event()
+
+    async def slow_upload() -> AsyncIterator[bytes]:
+        yield first[:10]
+        await release.wait()
+        yield first[10:]
+
+    async with make_api(max_queue_images=1) as api:
+        uploading = asyncio.create_task(
+            api.client.post("/predict", content=slow_upload(), headers=PNG)
+        )
+        await until(lambda: api.service.requests_in_progress == 1)
+        # An invalid query would be a 422 from validation; shed first, it is a cheap 429.
+        r = await api.client.post("/predict?top_k=abc", content=second, headers=PNG)
+        assert r.status_code == 429, r.text
+        assert r.json() == {
+            "error": {"code": "overloaded", "message": "too many requests in progress"}
+        }
+        assert r.headers["X-Request-ID"]
+        # Other endpoints are not shed.
+        assert (await api.client.get("/healthz")).status_code == 200
+        release.set()
+        assert (await uploading).status_code == 200
+        r = await api.client.post("/predict?top_k=abc", content=second, headers=PNG)
+        assert r.status_code == 422, r.text
+        metrics = (await api.client.get("/metrics")).text
+        shed = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("nacguard_rejections_total{") and 'reason="queue_full"' in line
+        ]
+        assert len(shed) == 1 and shed[0].endswith(" 1.0")
 
 
 async def test_start_up_objects_are_frozen_while_serving(make_api: ApiFactory) -> None:
