@@ -175,7 +175,7 @@ class HttpConnection:
 
     @staticmethod
     async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             line = await reader.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip(), 16)
