@@ -58,6 +58,7 @@ from nacguard.nac.states import (
     fp32_linear,
     head_states,
     reads_fp32,
+    scaled_grads,
     sum_spatial,
     uniform_loss,
 )
@@ -626,20 +627,13 @@ class CompiledStates:
         probes = self._probe_tensors(x)
         with torch.enable_grad(), self._autocast(x):
             logits, *pooled = self._upper(z.detach(), *probes)
-            loss = uniform_loss(logits).sum()
-            if scale != 1.0:
-                loss = loss * scale
-            grads = torch.autograd.grad(loss, probes, allow_unused=True)
+            grads = scaled_grads(uniform_loss(logits).sum(), probes, scale)
+        if grads is None:
+            return None
         states = {}
         with torch.no_grad():
-            if scale != 1.0:
-                finite = [torch.isfinite(g).all() for g in grads if g is not None]
-                if finite and not bool(torch.stack(finite).all()):
-                    return None
             for name, s_z, g in zip(self.names, pooled, grads, strict=True):
                 s_g = torch.zeros_like(s_z) if g is None else g.reshape(s_z.shape)
-                if scale != 1.0:
-                    s_g = s_g / scale  # a power of two: exact
                 states[name] = torch.sigmoid(self.extractor.betas[name] * (s_z * s_g))
         ordered = {n: states[n] for n in self.extractor.betas}
         return ForwardStates(logits=logits.detach(), states=ordered)

@@ -92,6 +92,25 @@ def uniform_loss(logits: torch.Tensor) -> torch.Tensor:
     return -torch.log_softmax(logits.float(), dim=1).mean(dim=1)
 
 
+def scaled_grads(
+    loss: torch.Tensor, inputs: Sequence[torch.Tensor], scale: float
+) -> list[torch.Tensor | None] | None:
+    """Gradients of ``loss`` w.r.t. ``inputs``, computed on ``loss * scale`` and divided back.
+
+    ``scale`` is a power of two (exact to undo); it lifts small fp16 gradients out of the
+    subnormal range. Returns None when a scaled pass overflowed, so the caller can redo it
+    unscaled; unscaled gradients are returned whatever they hold. Unused inputs get None.
+    """
+    grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, inputs, allow_unused=True)
+    if scale == 1.0:
+        return list(grads)
+    with torch.no_grad():
+        finite = [torch.isfinite(g).all() for g in grads if g is not None]
+        if finite and not bool(torch.stack(finite).all()):
+            return None
+        return [None if g is None else g.float() / scale for g in grads]
+
+
 def sum_spatial(t: torch.Tensor) -> torch.Tensor:
     """Sum-pool to fp32 [B, N]: over H, W for [B, N, H, W]; over tokens for [B, T, D] (ViT).
 
@@ -325,21 +344,13 @@ class StateExtractor:
             logits = self.model(x)
             torch.set_grad_enabled(True)  # restored by the no_grad context on exit
             names = list(outputs)
-            loss = uniform_loss(logits).sum()
-            if scale != 1.0:
-                loss = loss * scale
-            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+            grads = scaled_grads(uniform_loss(logits).sum(), [outputs[n] for n in names], scale)
+        if grads is None:
+            return None
         states = {}
         with torch.no_grad():
-            if scale != 1.0:
-                finite = [torch.isfinite(g).all() for g in grads if g is not None]
-                if finite and not bool(torch.stack(finite).all()):
-                    return None
             for name, g in zip(names, grads, strict=True):
                 z = outputs[name].detach()
-                if g is None:
-                    g = torch.zeros_like(z)
-                elif scale != 1.0:
-                    g = g.float() / scale  # a power of two: exact
+                g = torch.zeros_like(z) if g is None else g
                 states[name] = pool_states(z, g, self.betas[name])
         return ForwardStates(logits=logits.detach(), states=states)
