@@ -72,8 +72,10 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(
         1024,
         ge=1,
-        description="Images queued for compute before new requests are shed with 429. Bounds "
-        "memory and the worst-case queueing delay (about max_queue_images / throughput).",
+        description="Images queued for compute before new requests are shed with 429; also the "
+        "bound on /predict requests in progress (reading, decoding, queued), so a flood is "
+        "refused at the door instead of piling up before the queue. Bounds memory and the "
+        "worst-case queueing delay (about max_queue_images / throughput).",
     )
     request_timeout_s: float = Field(
         10.0,
