@@ -16,11 +16,8 @@ from tests.fixtures.redis_server import RedisServer
 pytestmark = pytest.mark.redis
 
 
-async def test_export_writes_images_and_index_once_per_group(
-    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    settings = Settings(redis_url=redis_server.url, review_stream="cli-test:ood")
-    store = make_store(settings, "cli-test")
+async def _append_three(url: str) -> None:
+    store = make_store(Settings(redis_url=url, review_stream="cli-test:ood"), "cli-test")
     await store.start()
     try:
         for n in range(3):
@@ -33,19 +30,22 @@ async def test_export_writes_images_and_index_once_per_group(
     finally:
         await store.close()
 
+
+def test_export_writes_images_and_index_once_per_group(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A plain test: the CLI runs its own event loop, as it does from a shell.
+    asyncio.run(_append_three(redis_server.url))
     out = tmp_path / "export"
     args = ["review", "export", "--redis-url", redis_server.url, "--stream", "cli-test:ood"]
-    # main() runs its own event loop: call it from a worker thread, not from this test's loop.
-    rc = await asyncio.to_thread(main, [*args, "--out", str(out), "--group", "g1"])
-    assert rc == 0
+    assert main([*args, "--out", str(out), "--group", "g1"]) == 0
     assert "exported 3 entries (2 with image bytes)" in capsys.readouterr().out
     index = json.loads((out / "index.json").read_text())
     entries = index if isinstance(index, list) else index["entries"]
     assert sorted(e["request_id"] for e in entries) == ["req-0", "req-1", "req-2"]
     assert len(list((out / "images").iterdir())) == 2
     # The group has acknowledged everything: a second run exports nothing new.
-    rc = await asyncio.to_thread(main, [*args, "--out", str(out), "--group", "g1"])
-    assert rc == 0
+    assert main([*args, "--out", str(out), "--group", "g1"]) == 0
     assert "exported 0 entries" in capsys.readouterr().out
 
 
