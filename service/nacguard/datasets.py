@@ -462,9 +462,6 @@ def is_image_file(path: Path) -> bool:
     )
 
 
-# Kept for callers that imported the former private name.
-_is_image = is_image_file
-
 
 def _folder_source(root: Path, spec: str) -> ImageSource:
     if not root.exists():
