@@ -462,7 +462,6 @@ def is_image_file(path: Path) -> bool:
     )
 
 
-
 def _folder_source(root: Path, spec: str) -> ImageSource:
     if not root.exists():
         raise ValueError(f"image folder {root} does not exist")
