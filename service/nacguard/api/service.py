@@ -40,6 +40,7 @@ from nacguard.models.bundle import Bundle, Prediction, load_bundle
 from nacguard.monitoring import DriftReport, Metrics, drift_report
 from nacguard.settings import Settings
 from nacguard.store import ReviewRecord, Store, make_store
+from nacguard.store.local import NullCache, NullReviewSink
 
 from .inference import BatchInfo, DeviceCompute, ImageResult
 from .inputs import InputLimits, RawImage, decode_images
@@ -425,8 +426,15 @@ class Service:
                 (overloaded, deadline, shutting down, inference failed).
         """
         bundle, batcher, store, metrics = self._parts()
-        cached = await asyncio.gather(*(store.cache.get(raw.sha256) for raw in images))
-        hits = {i: p for i, v in enumerate(cached) if v and (p := self._from_cache(v)) is not None}
+        caching = not isinstance(store.cache, NullCache)
+        hits: dict[int, Prediction] = {}
+        if caching:
+            # gather() wraps each lookup in a task; with the cache off every lookup misses, and
+            # those tasks were a measurable share of a small request's event-loop time.
+            cached = await asyncio.gather(*(store.cache.get(raw.sha256) for raw in images))
+            hits = {
+                i: p for i, v in enumerate(cached) if v and (p := self._from_cache(v)) is not None
+            }
         misses = [i for i in range(len(images)) if i not in hits]
         decoded = (
             await run_in_threadpool(
@@ -465,15 +473,21 @@ class Service:
         )
         if results:
             self._add_drift([r.prediction.nac_score for r in results])
+            # Only what a side effect will use: every result when caching, flagged images when
+            # they are recorded for review. Nothing to do (cache off, nothing flagged or no
+            # review sink) means no background task at all.
+            reviewing = not isinstance(store.review, NullReviewSink)
             computed = [
                 _Computed(images[i], decoded[k].content_type, results[k].prediction)
                 for k, i in enumerate(misses)
+                if caching or (reviewing and results[k].prediction.ood)
             ]
+            if computed:
 
-            async def after_response() -> None:
-                await self._record(computed, request_id, store)
+                async def after_response() -> None:
+                    await self._record(computed, request_id, store, caching=caching)
 
-            outcome.after_response = after_response
+                outcome.after_response = after_response
         return outcome
 
     def _parts(self) -> tuple[Bundle, Batcher[torch.Tensor, ImageResult], Store, Metrics]:
@@ -487,13 +501,16 @@ class Service:
             raise self._not_ready()
         return self.bundle, self.batcher, self.store, self.metrics
 
-    async def _record(self, computed: list[_Computed], request_id: str, store: Store) -> None:
-        """Cache computed results and record flagged images for review."""
+    async def _record(
+        self, computed: list[_Computed], request_id: str, store: Store, *, caching: bool = True
+    ) -> None:
+        """Cache computed results (when ``caching``) and record flagged images for review."""
         now = time.time()
         calls = []
         for item in computed:
             raw, p = item.raw, item.prediction
-            calls.append(store.cache.put(raw.sha256, self._to_cache(p)))
+            if caching:
+                calls.append(store.cache.put(raw.sha256, self._to_cache(p)))
             if p.ood:
                 record = ReviewRecord(
                     request_id=request_id,

@@ -325,6 +325,11 @@ class Metrics:
             [*base, "class"],
             registry=reg,
         )
+        # prometheus_client's labels() validates, builds a key and takes a lock on every call;
+        # the hot path keeps the children it has looked up (children are never removed).
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+        self._prediction_children: dict[str, Counter] = {}
         self._max_class_series = max_class_series
         self._classes: set[str] = set()
         self._classes_fixed = False
@@ -467,8 +472,16 @@ class Metrics:
             status: HTTP status code answered.
             seconds: time from request received to response sent.
         """
-        self._requests.labels(self.model, self.profile, endpoint, method, str(status)).inc()
-        self._request_seconds.labels(self.model, self.profile, endpoint, method).observe(seconds)
+        key = (endpoint, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self._requests.labels(self.model, self.profile, endpoint, method, str(status)),
+                self._request_seconds.labels(self.model, self.profile, endpoint, method),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def reject(self, reason: str) -> None:
         """Count one refused or dropped request.
@@ -485,10 +498,18 @@ class Metrics:
     # --- batching -----------------------------------------------------------------------------
     def observe_batch(self, stats: BatchStatsLike) -> None:
         """Record one computed batch: its size, each image's queue wait, the compute time."""
-        labels = (self.model, self.profile, stats.device)
-        self._batch_size.labels(*labels).observe(stats.size)
-        self._inference.labels(*labels).observe(stats.compute_s)
-        wait = self._queue_wait.labels(*labels)
+        children = self._batch_children.get(stats.device)
+        if children is None:
+            labels = (self.model, self.profile, stats.device)
+            children = (
+                self._batch_size.labels(*labels),
+                self._inference.labels(*labels),
+                self._queue_wait.labels(*labels),
+            )
+            self._batch_children[stats.device] = children
+        size, inference, wait = children
+        size.observe(stats.size)
+        inference.observe(stats.compute_s)
         for seconds in stats.queue_wait_s:
             wait.observe(seconds)
 
@@ -521,7 +542,12 @@ class Metrics:
         if flagged:
             self._ood.inc(flagged)
         for label in labels:
-            self._predictions.labels(self.model, self.profile, self._class_label(label)).inc()
+            child = self._prediction_children.get(label)
+            if child is None:
+                child = self._predictions.labels(self.model, self.profile, self._class_label(label))
+                if label in self._classes:  # "other" stays looked up: a new class may fit later
+                    self._prediction_children[label] = child
+            child.inc()
         for score in scores:
             if not math.isnan(score):
                 self._scores.observe(score)
