@@ -7,4 +7,5 @@ bash scripts/install.sh
 ruff check .
 ruff format --check .
 mypy
-python -m pytest "$@"
+# A safety net: per-test timeouts (pytest-timeout) do not cover a process that hangs on exit.
+timeout -k 30 2400 python -m pytest "$@"
