@@ -136,7 +136,6 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 async def predict(
     request: Request,
-    service: ServiceDep,
     top_k: Annotated[
         int | None,
         Query(ge=0, le=1000, description="Top classes per prediction (default: server setting)."),
@@ -151,6 +150,10 @@ async def predict(
     ] = None,
 ) -> Response:
     """One prediction per image, in request order."""
+    # Not a dependency here: on the hot path, FastAPI's solving of a sub-dependency (a second
+    # pass over path, query, header and cookie parameters, a cache key) cost more than the
+    # whole JSON answer; the other routes keep ServiceDep.
+    service = await get_service(request)
     admission = service.admit()
     try:
         settings = service.settings
