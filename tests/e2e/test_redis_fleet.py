@@ -329,7 +329,9 @@ async def test_redis_outage_under_load_fails_no_prediction(
     redis_server_process: ServerProcess, redis_server: RedisServer
 ) -> None:
     repeated = encoded_images(4, kind="blobs", seed=7201)
-    fresh = encoded_images(300, kind="uniform", seed=7202)
+    # Enough for ~10 s of load: a faster server used up 300 (600 requests) before Redis,
+    # restarted, had passed its next 1 s health check.
+    fresh = encoded_images(2000, kind="uniform", seed=7202)
     (late,) = encoded_images(1, kind="blobs", seed=7203)  # first sent after the recovery
     async with httpx.AsyncClient(base_url=redis_server_process.url, timeout=30) as client:
         await _wait_redis_up(client, True)
