@@ -11,11 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from pydantic import ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -34,9 +37,12 @@ from nacguard.settings import Settings
 from .schemas import IMAGE_MEDIA_TYPES, PredictJSON
 
 __all__ = [
+    "INLINE_DECODE_BYTES",
+    "INLINE_DECODE_PIXELS",
     "DecodedImage",
     "InputLimits",
     "RawImage",
+    "cheap_to_decode",
     "decode_images",
     "parse_images",
     "read_body",
@@ -265,6 +271,48 @@ def parse_images(body: bytes, content_type: str | None, limits: InputLimits) -> 
         f"Content-Type {media_type or '(none)'} is not accepted; send multipart/form-data, "
         "application/json or an image type such as image/png"
     )
+
+
+#: Images this small (encoded bytes and pixels, summed over a request) are decoded on the event
+#: loop: a 28x28 PNG decodes and preprocesses in ~40 us, less than the hop to a worker thread
+#: and back costs under load (thread wake-ups, GIL hand-overs). The pixel bound, read from the
+#: header, keeps a small file that claims a large image off the loop.
+INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PIXELS = 128 * 128
+
+
+def cheap_to_decode(
+    images: Sequence[RawImage],
+    *,
+    max_bytes: int = INLINE_DECODE_BYTES,
+    max_pixels: int = INLINE_DECODE_PIXELS,
+) -> bool:
+    """Whether decoding ``images`` is cheap enough to do on the event loop.
+
+    Reads only the headers. Anything unusual (unreadable header, a decompression-bomb warning)
+    answers False, so the full checks of :func:`decode_images` run in the pool as for any
+    large image, and report the error.
+
+    Args:
+        images: the encoded images.
+        max_bytes: at most this many encoded bytes in all.
+        max_pixels: at most this many pixels (width * height) in all.
+    """
+    if sum(len(raw.data) for raw in images) > max_bytes:
+        return False
+    pixels = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for raw in images:
+            try:
+                with Image.open(io.BytesIO(raw.data)) as image:
+                    width, height = image.size
+            except Exception:  # Pillow raises many types for corrupt data
+                return False
+            pixels += width * height
+            if pixels > max_pixels:
+                return False
+    return True
 
 
 def decode_images(
