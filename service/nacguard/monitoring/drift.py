@@ -17,6 +17,7 @@ statistics below are pure functions of one count vector (:func:`drift_report`):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 from collections.abc import Sequence
@@ -46,6 +47,10 @@ _EDGE_DIGITS = 6
 
 def _round_sig(value: float, digits: int = _EDGE_DIGITS) -> float:
     return float(f"{value:.{digits}g}")
+
+
+# Up to this many scores, bin_counts bins them in plain Python.
+_SMALL = 16
 
 
 class DriftReference:
@@ -161,6 +166,17 @@ class DriftReference:
         Returns:
             int64 array of length :attr:`n_bins`.
         """
+        n_bins = self.n_bins
+        if isinstance(scores, list | tuple) and len(scores) <= _SMALL:
+            # A request's few scores: bisect beats numpy's per-call overhead (~6 us -> ~1 us on
+            # the hot path), with the same bins (searchsorted side="right" == bisect_right).
+            edges = self.edges.tolist()
+            counts = np.zeros(n_bins, dtype=np.int64)
+            for score in scores:
+                if score != score:  # NaN
+                    continue
+                counts[min(max(bisect.bisect_right(edges, score) - 1, 0), n_bins - 1)] += 1
+            return counts
         s = np.asarray(scores, dtype=np.float64).ravel()
         s = s[~np.isnan(s)]
         idx = np.searchsorted(self.edges, s, side="right") - 1
