@@ -30,60 +30,35 @@ from nacguard.models.accel import (
     preprocess_tensor,
     preprocess_tensors,
 )
-from nacguard.models.bundle import Bundle, Calibration, Prediction, load_bundle, save_bundle
-from nacguard.models.demo import build_demo_model
+from nacguard.models.bundle import Bundle, Prediction, load_bundle
 from nacguard.models.preprocess import PRESETS, PreprocessSpec, decode_image
-from nacguard.nac import LayerConfig, NacScorer, ProfileBuilder, StateExtractor, threshold_at_tpr
+from nacguard.nac import LayerConfig, NacScorer, ProfileBuilder, StateExtractor
+from tests.unit.models.demo_bundles import make_demo_bundle, random_images
 from tests.unit.nac.nets import tiny_net
 
-CLASSES = [f"c{i}" for i in range(10)]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # Dynamo tracing without code generation: the compile plumbing in seconds, on any machine.
 TRACE_ONLY = CompileConfig(backend="aot_eager")
-
-
-def _images(n: int, seed: int, size: int = 28) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [
-        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L") for _ in range(n)
-    ]
-
-
-def _make_bundle(out: Path, layers: list[LayerConfig]) -> Path:
-    torch.manual_seed(0)
-    model = build_demo_model({"width": 8}).eval()
-    prep = PRESETS["fashion-mnist"]
-    profile = ProfileBuilder(model, layers).fit([prep.batch(_images(64, 1))])
-    scores = NacScorer(model, profile)(prep.batch(_images(40, 2))).nac.numpy()
-    calibration = Calibration(0.95, threshold_at_tpr(scores, 0.95), np.sort(scores), "t")
-    return save_bundle(
-        out,
-        name="accel",
-        model_ref={"kind": "demo", "config": {"width": 8, "num_classes": 10}},
-        model=model,
-        preprocess=prep,
-        classes=CLASSES,
-        profile=profile,
-        calibration=calibration,
-    )
 
 
 @pytest.fixture(scope="module")
 def two_layer_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """block3 + avgpool: the multi-layer (autograd / probe) path."""
     layers = [LayerConfig("block3", 0.05, 5.0, 20), LayerConfig("avgpool", 20.0, 5.0, 20)]
-    return _make_bundle(tmp_path_factory.mktemp("two"), layers)
+    return make_demo_bundle(tmp_path_factory.mktemp("two"), layers, "accel")
 
 
 @pytest.fixture(scope="module")
 def head_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """avgpool only: the analytic-head path."""
-    return _make_bundle(tmp_path_factory.mktemp("head"), [LayerConfig("avgpool", 20.0, 5.0, 20)])
+    return make_demo_bundle(
+        tmp_path_factory.mktemp("head"), [LayerConfig("avgpool", 20.0, 5.0, 20)], "accel"
+    )
 
 
 @pytest.fixture(scope="module")
 def batch() -> torch.Tensor:
-    return PRESETS["fashion-mnist"].batch(_images(37, 7))
+    return PRESETS["fashion-mnist"].batch(random_images(37, 7))
 
 
 def assert_same_predictions(a: list[Prediction], b: list[Prediction], atol: float = 1e-6) -> None:

@@ -7,48 +7,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from nacguard.errors import BundleError
-from nacguard.models.bundle import Calibration, load_bundle, save_bundle
-from nacguard.models.demo import build_demo_model
-from nacguard.models.preprocess import PRESETS
-from nacguard.nac import LayerConfig, NacScorer, ProfileBuilder, threshold_at_tpr
+from nacguard.models.bundle import load_bundle
+from nacguard.nac import LayerConfig
+from tests.unit.models.demo_bundles import CLASSES, make_demo_bundle, random_images
 
-CLASSES = [f"c{i}" for i in range(10)]
 LAYERS = [LayerConfig("block3", 0.05, 5.0, 20), LayerConfig("avgpool", 20.0, 5.0, 20)]
-
-
-def _images(n: int, seed: int) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L") for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_demo_model({"width": 8}).eval()
-    prep = PRESETS["fashion-mnist"]
-    profile = ProfileBuilder(model, LAYERS).fit([prep.batch(_images(64, 1))])
-    cal_scores = NacScorer(model, profile)(prep.batch(_images(40, 2))).nac.numpy()
-    calibration = Calibration(0.95, threshold_at_tpr(cal_scores, 0.95), np.sort(cal_scores), "t")
-    out = tmp_path_factory.mktemp("bundle")
-    return save_bundle(
-        out,
-        name="tiny",
-        model_ref={"kind": "demo", "config": {"width": 8, "num_classes": 10}},
-        model=model,
-        preprocess=prep,
-        classes=CLASSES,
-        profile=profile,
-        calibration=calibration,
-    )
+    return make_demo_bundle(tmp_path_factory.mktemp("bundle"), LAYERS, "tiny")
 
 
 def test_round_trip_predicts_like_the_scorer(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
-    images = _images(5, 3)
+    images = random_images(5, 3)
     preds = bundle.predict(images)
     direct = bundle.scorer(bundle.preprocess.batch(images))
     assert [p.class_index for p in preds] == direct.logits.argmax(1).tolist()
@@ -66,7 +41,7 @@ def test_round_trip_predicts_like_the_scorer(bundle_dir: Path) -> None:
 
 def test_plain_classification_matches_scored_prediction(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
-    x = bundle.preprocess.batch(_images(4, 5))
+    x = bundle.preprocess.batch(random_images(4, 5))
     plain = bundle.predict_batch(x, scoring=False)
     scored = bundle.predict_batch(x)
     assert [p.class_index for p in plain] == [p.class_index for p in scored]
