@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from loadtest.batching_bench import start_server as launch_server
 
 __all__ = ["ServerProcess", "free_port", "start_server"]
 
@@ -56,15 +52,14 @@ class ServerProcess:
                 self.process.wait(10)
 
 
-def _command() -> list[str]:
-    exe = shutil.which("nacguard")
-    return [exe, "serve"] if exe else [sys.executable, "-m", "nacguard.cli", "serve"]
-
-
 def start_server(
     profile: Path, log_path: Path, *, ready_within: float = 60.0, **settings: object
 ) -> ServerProcess:
     """Start ``nacguard serve`` for ``profile`` with ``NACGUARD_*`` settings; wait until ready.
+
+    The launch itself is the benchmark's (``loadtest.batching_bench.start_server``: inherited
+    ``NACGUARD_*`` variables dropped, a free loopback port, ``/readyz`` polled); tests add one
+    torch thread per server, so several servers and the test process share two cores.
 
     Args:
         profile: the bundle to serve.
@@ -75,29 +70,7 @@ def start_server(
     Raises:
         RuntimeError: the process exited, or was not ready in time (its log is in the message).
     """
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NACGUARD_")}
-    env.update(
-        NACGUARD_PROFILE=str(profile),
-        NACGUARD_HOST="127.0.0.1",
-        NACGUARD_PORT=str(port),
-        NACGUARD_TORCH_THREADS="1",
+    running = launch_server(
+        profile, {"torch_threads": 1, **settings}, log_path=log_path, ready_within=ready_within
     )
-    for name, value in settings.items():
-        env[f"NACGUARD_{name.upper()}"] = str(value)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(_command(), env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
-    deadline = time.monotonic() + ready_within
-    with httpx.Client(base_url=server.url, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"server not ready within {ready_within}s:\n{server.logs()}")
+    return ServerProcess(process=running.process, url=running.url, log_path=log_path)
