@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything nacguard's tests and demo need on a fresh Debian machine (idempotent).
-#   apt: redis-server, prometheus (+promtool), dataset-fashion-mnist (the demo's data)
+#   apt: redis-server, prometheus (+promtool), dataset-fashion-mnist (the demo's data),
+#        chromium + chromium-driver (the operator page's browser tests; no browser download)
 #   pip: torch/torchvision (pinned: an unpinned torch can pull a different multi-GB build),
 #        then nacguard itself with its dev extras.
 # Set NACGUARD_SKIP_APT=1 to skip the apt part (e.g. without root).
@@ -12,6 +13,8 @@ if [ "${NACGUARD_SKIP_APT:-0}" != "1" ]; then
   command -v redis-server >/dev/null || need+=(redis-server)
   command -v promtool >/dev/null || need+=(prometheus)
   [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq

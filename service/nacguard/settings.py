@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         description="Paths reachable without a key when authentication is on.",
     )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins; empty = off.")
+    ui_enabled: bool = Field(
+        True,
+        description="Serve the operator page at /ui and the read-only JSON it reads (/v1/stats, "
+        "/v1/calibration, /v1/review...). Costs nothing while nobody has the page open (no "
+        "middleware, no background work); off removes the routes for deployments that expose "
+        "only /predict. The page's static files need no key; every call it makes does.",
+    )
 
     # --- shared state (Redis) -----------------------------------------------------------------
     redis_url: str | None = Field(

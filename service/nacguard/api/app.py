@@ -17,6 +17,7 @@ from .errors import install_error_handler
 from .middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from .routes import router
 from .service import Service
+from .ui import PUBLIC_PATHS, make_ui_router
 
 __all__ = ["create_app"]
 
@@ -89,13 +90,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handler(app)
     app.include_router(router)
-    # add_middleware puts each new one outside the previous ones.
+    exempt = list(settings.auth_exempt_paths)
     keys = load_api_keys(settings)
+    if settings.ui_enabled:
+        # The page's shell holds no data; what it shows comes from calls that need the key.
+        app.include_router(make_ui_router(settings.max_image_pixels, auth_required=bool(keys)))
+        exempt.extend(PUBLIC_PATHS)
+    # add_middleware puts each new one outside the previous ones.
     if keys:
-        app.add_middleware(
-            ApiKeyMiddleware, keys=ApiKeys(keys), exempt_paths=list(settings.auth_exempt_paths)
-        )
-        document_api_keys(app, list(settings.auth_exempt_paths))
+        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(keys), exempt_paths=exempt)
+        document_api_keys(app, exempt)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -28,7 +29,15 @@ from nacguard.store.base import (
     drift_buckets_in_window,
     encode_cache_value,
 )
-from nacguard.store.records import ReviewEntry, image_extension, safe_name
+from nacguard.store.records import (
+    REVIEW_MARKS,
+    ReviewEntry,
+    ReviewItem,
+    ReviewMark,
+    entry_from_row,
+    image_extension,
+    safe_name,
+)
 
 __all__ = [
     "LocalDriftWindow",
@@ -39,6 +48,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("nacguard.store")
+
+# A stem as _write makes it (time ms, sequence, safe request id): anything else is refused before
+# it can name a path.
+_STEM = re.compile(r"^[0-9]{13}-[0-9]{6}-[A-Za-z0-9_.-]{1,64}$")
+_MARK_SUFFIX = ".mark"
 
 
 class NullCache:
@@ -246,6 +260,81 @@ class LocalReviewDir:
                 logger.info("review folder %s writable again", self._dir)
                 self._failing = False
             return True
+
+    async def recent(self, limit: int) -> list[ReviewItem] | None:
+        """The ``limit`` newest records (stems sort by time), newest first."""
+        return await asyncio.to_thread(self._read_many, limit, False)
+
+    async def get(self, entry_id: str) -> ReviewItem | None:
+        """One record by stem, or ``None``."""
+        return await asyncio.to_thread(self._read_one, entry_id)
+
+    async def marked(self, limit: int) -> list[ReviewItem] | None:
+        """Up to ``limit`` marked records, newest first."""
+        return await asyncio.to_thread(self._read_many, limit, True)
+
+    async def mark(self, entry_id: str, mark: ReviewMark | None) -> bool | None:
+        """Write (or, with ``None``, remove) ``<stem>.mark`` beside the record. Eviction deletes
+        it with the record (every ``<stem>.*`` goes)."""
+        return await asyncio.to_thread(self._write_mark, entry_id, mark)
+
+    def _write_mark(self, entry_id: str, mark: ReviewMark | None) -> bool | None:
+        if not _STEM.match(entry_id) or (mark is not None and mark not in REVIEW_MARKS):
+            return False
+        path = self._dir / f"{entry_id}{_MARK_SUFFIX}"
+        with self._lock:  # never races the eviction of this stem
+            if not (self._dir / f"{entry_id}.json").is_file():
+                return False
+            try:
+                if mark is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.write_text(mark)
+            except OSError as exc:
+                logger.warning("review mark for %s not written: %s", entry_id, exc)
+                return None
+        return True
+
+    def _read_one(self, stem: str) -> ReviewItem | None:
+        if not _STEM.match(stem):
+            return None
+        try:
+            row = json.loads((self._dir / f"{stem}.json").read_text())
+        except (OSError, ValueError):
+            return None  # evicted meanwhile, never written, or not ours
+        if not isinstance(row, dict):
+            return None
+        image = None
+        image_file = row.get("image_file")
+        # The file name comes from our own JSON, but a path must never follow from file content.
+        if isinstance(image_file, str) and image_file == safe_name(image_file, 128):
+            try:
+                image = (self._dir / image_file).read_bytes()
+            except OSError:
+                image = None
+        mark: ReviewMark | None = None
+        try:
+            text = (self._dir / f"{stem}{_MARK_SUFFIX}").read_text().strip()
+            mark = next((m for m in REVIEW_MARKS if m == text), None)
+        except OSError:
+            pass
+        return ReviewItem(entry=entry_from_row({**row, "id": stem}, image), mark=mark)
+
+    def _read_many(self, limit: int, marked_only: bool) -> list[ReviewItem]:
+        suffix = _MARK_SUFFIX if marked_only else ".json"
+        try:
+            names = [p.name for p in self._dir.iterdir() if p.name.endswith(suffix)]
+        except OSError:
+            return []
+        stems = sorted((n[: -len(suffix)] for n in names), reverse=True)
+        items: list[ReviewItem] = []
+        for stem in stems:
+            if len(items) >= limit:
+                break
+            item = self._read_one(stem)
+            if item is not None and (item.mark is not None or not marked_only):
+                items.append(item)
+        return items
 
     def _evict(self) -> None:
         assert self._stems is not None

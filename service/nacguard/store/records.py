@@ -8,14 +8,19 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from nacguard.store.base import ReviewRecord
 
 __all__ = [
     "INDEX_COLUMNS",
+    "REVIEW_MARKS",
     "ReviewEntry",
+    "ReviewItem",
+    "ReviewLog",
+    "ReviewMark",
     "entry_from_fields",
+    "entry_from_row",
     "image_extension",
     "safe_name",
     "stream_fields",
@@ -161,3 +166,81 @@ def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Revi
         record=record,
         image_size=integer("image_size", 0),
     )
+
+
+def entry_from_row(row: dict[str, Any], image: bytes | None) -> ReviewEntry:
+    """The inverse of :meth:`ReviewEntry.row` (a local review folder's ``<stem>.json``), with
+    the image bytes read beside it. Malformed numbers decode as NaN / -1, as from the stream."""
+
+    def number(name: str) -> float:
+        try:
+            return float(row.get(name, "nan"))
+        except (TypeError, ValueError):
+            return float("nan")
+
+    def integer(name: str, default: int) -> int:
+        try:
+            return int(row.get(name, default))
+        except (TypeError, ValueError):
+            return default
+
+    record = ReviewRecord(
+        request_id=str(row.get("request_id", "")),
+        score=number("score"),
+        label=str(row.get("label", "")),
+        class_index=integer("class_index", -1),
+        threshold=number("threshold"),
+        time=number("time"),
+        image=image,
+        content_type=str(row.get("content_type") or "application/octet-stream"),
+    )
+    return ReviewEntry(
+        id=str(row.get("id", "")),
+        profile=str(row.get("profile", "")),
+        record=record,
+        image_size=integer("image_size", 0),
+    )
+
+
+#: What an operator can say about a flagged image: it was in-distribution after all (a false
+#: alarm), or it really is out-of-distribution.
+ReviewMark = Literal["ind", "ood"]
+REVIEW_MARKS: tuple[ReviewMark, ...] = ("ind", "ood")
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """A review entry with the operator's mark.
+
+    Attributes:
+        entry: the flagged image's record.
+        mark: ``"ind"``, ``"ood"``, or ``None`` (not reviewed yet).
+    """
+
+    entry: ReviewEntry
+    mark: ReviewMark | None
+
+
+@runtime_checkable
+class ReviewLog(Protocol):
+    """A review sink that can be read back and marked (both backends provide it).
+
+    Reads return ``None`` when the backend cannot answer now (Redis down); they never raise.
+    """
+
+    async def recent(self, limit: int) -> list[ReviewItem] | None:
+        """The ``limit`` most recent entries, newest first."""
+        ...
+
+    async def get(self, entry_id: str) -> ReviewItem | None:
+        """One entry by id, or ``None`` (unknown, malformed id, trimmed, or backend down)."""
+        ...
+
+    async def mark(self, entry_id: str, mark: ReviewMark | None) -> bool | None:
+        """Mark an entry (``None`` clears the mark): ``True`` when done, ``False`` when there is
+        no such entry, ``None`` when the backend cannot answer now."""
+        ...
+
+    async def marked(self, limit: int) -> list[ReviewItem] | None:
+        """Up to ``limit`` marked entries still in the log, newest first."""
+        ...

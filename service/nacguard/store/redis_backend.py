@@ -6,6 +6,8 @@ Keys (``<profile>`` is the profile identity passed to ``make_store``):
 * ``nacguard:drift:<profile>:<bucket>`` - hash ``{bin index: count, "n": number of bins}``,
   one per 10-second bucket, expiring a margin after it leaves the drift window.
 * ``<review_stream>`` (default ``nacguard:ood``) - stream of flagged images, ``MAXLEN ~``.
+* ``<review_stream>:marks`` - hash ``{entry id: "ind" | "ood"}``, the operator's marks; marks of
+  entries trimmed off the stream are dropped when the marked set is read.
 
 All calls go through :class:`~nacguard.store.link.RedisLink`, so none of them raises or stalls.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any, cast
 
 import numpy as np
@@ -35,7 +38,13 @@ from nacguard.store.base import (
 )
 from nacguard.store.link import RedisLink
 from nacguard.store.local import LocalDriftWindow
-from nacguard.store.records import stream_fields
+from nacguard.store.records import (
+    REVIEW_MARKS,
+    ReviewItem,
+    ReviewMark,
+    entry_from_fields,
+    stream_fields,
+)
 
 __all__ = ["DRIFT_EXPIRY_MARGIN_S", "RedisDriftWindow", "RedisResultCache", "RedisReviewSink"]
 
@@ -44,6 +53,9 @@ logger = logging.getLogger("nacguard.store")
 #: Drift buckets live this long past the end of the window, so replicas whose clocks differ by
 #: less than this still see each other's buckets.
 DRIFT_EXPIRY_MARGIN_S = 30
+
+_STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+_RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 
 class RedisResultCache:
@@ -143,6 +155,91 @@ class RedisReviewSink:
 
         if await self._link.call("review_append", add, False):
             self._metrics.review_appended()
+
+    @property
+    def marks_key(self) -> str:
+        """The hash of operator marks."""
+        return f"{self._stream}:marks"
+
+    def _items(self, raw: list[_RawEntry], marks: list[bytes | None]) -> list[ReviewItem]:
+        items = []
+        for (entry_id, fields), mark in zip(raw, marks, strict=True):
+            text = mark.decode() if mark is not None else None
+            items.append(
+                ReviewItem(
+                    entry=entry_from_fields(entry_id, fields),
+                    mark=next((m for m in REVIEW_MARKS if m == text), None),
+                )
+            )
+        return items
+
+    async def recent(self, limit: int) -> list[ReviewItem] | None:
+        """The ``limit`` newest entries (``XREVRANGE``), newest first, with their marks."""
+
+        async def fetch(client: Redis) -> tuple[list[_RawEntry], list[bytes | None]]:
+            # decode_responses=False: ids, fields and marks are bytes.
+            raw: Any = await client.xrevrange(self._stream, count=limit)
+            ids = [entry_id for entry_id, _ in raw]
+            marks: Any = await client.hmget(self.marks_key, ids) if ids else []
+            return list(raw), list(marks)
+
+        got = await self._link.call("review_read", fetch, None)
+        return None if got is None else self._items(*got)
+
+    async def get(self, entry_id: str) -> ReviewItem | None:
+        """One entry by stream id, or ``None``."""
+        if not _STREAM_ID.match(entry_id):
+            return None
+
+        async def fetch(client: Redis) -> tuple[list[_RawEntry], list[bytes | None]]:
+            raw: Any = await client.xrange(self._stream, entry_id, entry_id, count=1)
+            marks: Any = [await client.hget(self.marks_key, entry_id)] if raw else []
+            return list(raw), marks
+
+        got = await self._link.call("review_read", fetch, None)
+        items = self._items(*got) if got is not None else []
+        return items[0] if items else None
+
+    async def mark(self, entry_id: str, mark: ReviewMark | None) -> bool | None:
+        """Set (``HSET``) or clear (``HDEL``) an entry's mark, if the entry is in the stream."""
+        if not _STREAM_ID.match(entry_id) or (mark is not None and mark not in REVIEW_MARKS):
+            return False
+
+        async def write(client: Redis) -> bool:
+            if not await client.xrange(self._stream, entry_id, entry_id, count=1):
+                return False
+            if mark is None:
+                await client.hdel(self.marks_key, entry_id)
+            else:
+                await client.hset(self.marks_key, entry_id, mark)
+            return True
+
+        done: bool | None = await self._link.call("review_mark", write, None)
+        return done
+
+    async def marked(self, limit: int) -> list[ReviewItem] | None:
+        """Up to ``limit`` marked entries, newest first; marks whose entry was trimmed off the
+        stream are deleted here, so the hash stays bounded by the stream."""
+
+        async def fetch(client: Redis) -> tuple[list[_RawEntry], list[bytes | None]]:
+            marks: Any = await client.hgetall(self.marks_key)
+            ids = sorted(marks, key=lambda i: tuple(int(p) for p in i.split(b"-")), reverse=True)
+            raw: list[_RawEntry] = []
+            gone = []
+            for entry_id in ids:
+                if len(raw) >= limit:
+                    break
+                found: Any = await client.xrange(self._stream, entry_id, entry_id, count=1)
+                if found:
+                    raw.append(found[0])
+                else:
+                    gone.append(entry_id)
+            if gone:
+                await client.hdel(self.marks_key, *gone)
+            return raw, [marks[entry_id] for entry_id, _ in raw]
+
+        got = await self._link.call("review_read", fetch, None)
+        return None if got is None else self._items(*got)
 
 
 class RedisDriftWindow:
