@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -275,8 +276,45 @@ def test_watch_panel_changes_after_traffic(
     assert _field(models, "psi") != "—"
     assert _field(models, "p99").endswith("ms")
     assert models.find_elements(By.CSS_SELECTOR, "svg.chart rect.recent")
-    _screenshot(browser, "watch")
+    if os.environ.get("NACGUARD_UI_SCREENSHOTS"):
+        _steady_traffic_screenshot(browser, server.url)
     assert _console_errors(browser) == []
+
+
+def _steady_traffic_screenshot(browser: WebDriver, url: str) -> None:
+    """For the docs only: the watch panel under steady mixed traffic (fresh test images and
+    noise) once its history chart has several points."""
+    stop = threading.Event()
+    test_split = load_source("fashion-mnist:test")
+
+    def load() -> None:
+        i = 0
+        with httpx.Client(base_url=url, timeout=10.0) as client:
+            while not stop.is_set():
+                image = _noise(1000 + i) if i % 6 == 5 else test_split.images[100 + i]
+                body = _png(image)
+                client.post("/predict", content=body, headers={"Content-Type": "image/png"})
+                i += 1
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        _wait(
+            browser,
+            lambda d: (
+                len(
+                    d.find_element(By.CSS_SELECTOR, "polyline.line-rate")
+                    .get_attribute("points")
+                    .split()
+                )
+                >= 6
+            ),
+            "history chart filled",
+        )
+        _screenshot(browser, "watch")
+    finally:
+        stop.set()
+        worker.join(timeout=30)
 
 
 def test_review_lists_the_flagged_image_and_takes_a_mark(
@@ -310,7 +348,13 @@ def test_review_lists_the_flagged_image_and_takes_a_mark(
     )
     listed = httpx.get(server.url + "/v1/review").json()["items"]
     assert {i["id"]: i["mark"] for i in listed}[entry_id] == "ood"
-    _screenshot(browser, "review")
+    if os.environ.get("NACGUARD_UI_SCREENSHOTS"):
+        # For the docs: one entry marked each way.
+        other = browser.find_elements(By.CSS_SELECTOR, "#review-list .ritem")[3]
+        other.find_element(By.CSS_SELECTOR, 'button[data-mark="ind"]').click()
+        _wait(browser, lambda d: "marked-ind" in (other.get_attribute("class") or ""), "marked")
+        browser.execute_script("window.scrollTo(0, 0)")
+        _screenshot(browser, "review")
     assert _console_errors(browser) == []
 
 
