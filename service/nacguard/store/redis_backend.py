@@ -46,7 +46,13 @@ from nacguard.store.records import (
     stream_fields,
 )
 
-__all__ = ["DRIFT_EXPIRY_MARGIN_S", "RedisDriftWindow", "RedisResultCache", "RedisReviewSink"]
+__all__ = [
+    "DRIFT_EXPIRY_MARGIN_S",
+    "REVIEW_PAGE",
+    "RedisDriftWindow",
+    "RedisResultCache",
+    "RedisReviewSink",
+]
 
 logger = logging.getLogger("nacguard.store")
 
@@ -55,6 +61,10 @@ logger = logging.getLogger("nacguard.store")
 DRIFT_EXPIRY_MARGIN_S = 30
 
 _STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+
+#: Review entries read per Redis round trip by the operator page's reads: each may carry an
+#: image of up to review_max_image_bytes, and one call must stay well inside the Redis timeout.
+REVIEW_PAGE = 25
 _RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 
@@ -174,17 +184,35 @@ class RedisReviewSink:
         return items
 
     async def recent(self, limit: int) -> list[ReviewItem] | None:
-        """The ``limit`` newest entries (``XREVRANGE``), newest first, with their marks."""
+        """The ``limit`` newest entries (``XREVRANGE``), newest first, with their marks.
 
-        async def fetch(client: Redis) -> tuple[list[_RawEntry], list[bytes | None]]:
-            # decode_responses=False: ids, fields and marks are bytes.
-            raw: Any = await client.xrevrange(self._stream, count=limit)
-            ids = [entry_id for entry_id, _ in raw]
-            marks: Any = await client.hmget(self.marks_key, ids) if ids else []
-            return list(raw), list(marks)
+        Read in pages of :data:`REVIEW_PAGE` entries, one round trip each, so that no single
+        call carries many images and runs into the Redis timeout (which would mark a healthy
+        Redis down for the serving path too)."""
+        raw: list[_RawEntry] = []
+        marks: list[bytes | None] = []
+        end = "+"
+        while len(raw) < limit:
+            count = min(REVIEW_PAGE, limit - len(raw))
 
-        got = await self._link.call("review_read", fetch, None)
-        return None if got is None else self._items(*got)
+            async def fetch(
+                client: Redis, end: str = end, count: int = count
+            ) -> tuple[list[_RawEntry], list[bytes | None]]:
+                # decode_responses=False: ids, fields and marks are bytes.
+                page: Any = await client.xrevrange(self._stream, max=end, count=count)
+                ids = [entry_id for entry_id, _ in page]
+                found: Any = await client.hmget(self.marks_key, ids) if ids else []
+                return list(page), list(found)
+
+            got = await self._link.call("review_read", fetch, None)
+            if got is None:
+                return None
+            raw.extend(got[0])
+            marks.extend(got[1])
+            if len(got[0]) < count:
+                break
+            end = "(" + got[0][-1][0].decode()
+        return self._items(raw, marks)
 
     async def get(self, entry_id: str) -> ReviewItem | None:
         """One entry by stream id, or ``None``."""
@@ -219,27 +247,39 @@ class RedisReviewSink:
 
     async def marked(self, limit: int) -> list[ReviewItem] | None:
         """Up to ``limit`` marked entries, newest first; marks whose entry was trimmed off the
-        stream are deleted here, so the hash stays bounded by the stream."""
+        stream are deleted here, so the hash stays bounded by the stream. Entries are read in
+        pages of :data:`REVIEW_PAGE`, one round trip each."""
 
-        async def fetch(client: Redis) -> tuple[list[_RawEntry], list[bytes | None]]:
-            marks: Any = await client.hgetall(self.marks_key)
-            ids = sorted(marks, key=lambda i: tuple(int(p) for p in i.split(b"-")), reverse=True)
-            raw: list[_RawEntry] = []
-            gone = []
-            for entry_id in ids:
-                if len(raw) >= limit:
-                    break
-                found: Any = await client.xrange(self._stream, entry_id, entry_id, count=1)
-                if found:
-                    raw.append(found[0])
-                else:
-                    gone.append(entry_id)
-            if gone:
-                await client.hdel(self.marks_key, *gone)
-            return raw, [marks[entry_id] for entry_id, _ in raw]
+        async def all_marks(client: Redis) -> dict[bytes, bytes]:
+            found: Any = await client.hgetall(self.marks_key)
+            return dict(found)
 
-        got = await self._link.call("review_read", fetch, None)
-        return None if got is None else self._items(*got)
+        marks = await self._link.call("review_read", all_marks, None)
+        if marks is None:
+            return None
+        ids = sorted(marks, key=lambda i: tuple(int(p) for p in i.split(b"-")), reverse=True)
+        raw: list[_RawEntry] = []
+        for first in range(0, len(ids), REVIEW_PAGE):
+            if len(raw) >= limit:
+                break
+            chunk = ids[first : first + REVIEW_PAGE]
+
+            async def fetch(client: Redis, chunk: list[bytes] = chunk) -> list[Any]:
+                async with client.pipeline(transaction=False) as pipe:
+                    for entry_id in chunk:
+                        pipe.xrange(self._stream, entry_id, entry_id, count=1)
+                    replies: list[Any] = await pipe.execute()
+                gone = [i for i, reply in zip(chunk, replies, strict=True) if not reply]
+                if gone:
+                    await client.hdel(self.marks_key, *gone)
+                return replies
+
+            replies = await self._link.call("review_read", fetch, None)
+            if replies is None:
+                return None
+            raw.extend(reply[0] for reply in replies if reply)
+        raw = raw[:limit]
+        return self._items(raw, [marks[entry_id] for entry_id, _ in raw])
 
 
 class RedisDriftWindow:

@@ -8,13 +8,16 @@ import io
 import json
 import zipfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nacguard.settings import Settings
 from nacguard.store import ReviewRecord, Store, make_store
 from nacguard.store.records import ReviewLog
+from nacguard.store.redis_backend import REVIEW_PAGE
 from nacguard.store.review_zip import ZIP_COLUMNS, write_review_zip
 from tests.fixtures.redis_server import RedisServer
 
@@ -29,21 +32,31 @@ def _record(n: int, image: bytes | None = None) -> ReviewRecord:
 
 
 @pytest.fixture(params=["local", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    limits = {"review_maxlen": 5, "review_max_image_bytes": 64}
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """The settings that pick one backend: a real redis-server, or a local review folder."""
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         # Exact trimming on a tiny stream: one entry per internal node.
         server.client().config_set("stream-node-max-entries", 1)
-        settings = Settings(redis_url=server.url, redis_timeout_s=2.0, **limits)
-    else:
-        settings = Settings(review_dir=tmp_path / "review", **limits)
+        return {"redis_url": server.url, "redis_timeout_s": 2.0}
+    return {"review_dir": tmp_path / "review"}
+
+
+@asynccontextmanager
+async def _store(backend: dict[str, Any], maxlen: int) -> AsyncIterator[Store]:
+    settings = Settings(review_maxlen=maxlen, review_max_image_bytes=64, **backend)
     s = make_store(settings, PROFILE)
     await s.start()
     try:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def store(backend: dict[str, Any]) -> AsyncIterator[Store]:
+    async with _store(backend, maxlen=5) as s:
+        yield s
 
 
 def _log(store: Store) -> ReviewLog:
@@ -140,3 +153,22 @@ async def test_zip_export_of_the_marked_set(store: Store) -> None:
         assert tuple(table[0]) == ZIP_COLUMNS
         assert [r["mark"] for r in table] == ["ood", "ood", "ind"]
         assert all(name.startswith(("images/", "index.")) for name in archive.namelist())
+
+
+@pytest.mark.redis
+async def test_reads_page_through_many_entries(backend: dict[str, Any]) -> None:
+    n = 2 * REVIEW_PAGE + 10
+    async with _store(backend, maxlen=1000) as store:
+        for i in range(n):
+            await store.review.append(_record(i))
+        log = _log(store)
+        items = await log.recent(n + 5)
+        assert [i.entry.record.request_id for i in items or []] == [
+            f"req-{i}" for i in reversed(range(n))
+        ]
+        every_other = [item.entry.id for item in (items or [])[::2]]
+        for entry_id in every_other:
+            assert await log.mark(entry_id, "ood") is True
+        marked = await log.marked(1000)
+        assert [i.entry.id for i in marked or []] == every_other
+        assert [i.entry.id for i in await log.marked(3) or []] == every_other[:3]

@@ -131,6 +131,7 @@
 
   // ---------------------------------------------------------------- API key bar
   function needKey(message) {
+    stopWatch(); // no point polling with a key the server refuses
     showKeyForm(true);
     $("key-hint").textContent = apiKey() && message
       ? "The server refused this key (" + message + ")."
