@@ -4,6 +4,8 @@ Debian's chromedriver, against real ``nacguard serve`` processes on the demo pro
 * Without keys (local review folder): a Fashion-MNIST test image and a noise image are both
   scored and drawn, the noise one flagged; the watch panel changes after traffic; the review
   list shows the flagged image and takes a mark; the page fits a phone's width.
+* p-value, per-layer scores and version (issues 18, 17) are drawn when an answer has them
+  (the real answers, with those fields added by a wrapped ``fetch`` until the server sends them).
 * With a key (Redis review stream): the page asks for the key before any call, then works.
 * No console errors anywhere; the Content-Security-Policy header is on the page and its assets.
 
@@ -160,6 +162,12 @@ def _wait(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str) -
     return WebDriverWait(driver, WAIT_S).until(condition, message=what)
 
 
+def _open(driver: WebDriver, url: str) -> None:
+    """Load ``url`` afresh (a new hash on the same page would only scroll, keeping its state)."""
+    driver.get("about:blank")
+    driver.get(url)
+
+
 def _console_errors(driver: WebDriver) -> list[dict[str, object]]:
     return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
@@ -216,7 +224,7 @@ def test_csp_header_on_the_page_and_its_assets(server: ServerProcess) -> None:
 def test_try_scores_an_ind_and_a_noise_image(
     browser: WebDriver, server: ServerProcess, images: dict[str, Path]
 ) -> None:
-    browser.get(server.url + "/ui#try")
+    _open(browser, server.url + "/ui#try")
     _wait(browser, lambda d: "profile" in d.find_element(By.ID, "served").text, "profile shown")
     cards = _try_images(browser, images)
     ind, noise = cards["ind"], cards["noise"]
@@ -248,10 +256,46 @@ def test_try_scores_an_ind_and_a_noise_image(
     assert _console_errors(browser) == []
 
 
+# What issues 18 and 17 add to a prediction; until the server sends them, the page's fetch is
+# wrapped to add them to the real server's answers, so the drawing of these fields is checked.
+_EXTRA_FIELDS = """
+const realFetch = window.fetch;
+window.fetch = async (...args) => {
+  const response = await realFetch(...args);
+  if (!String(args[0]).startsWith("/predict")) return response;
+  const body = await response.json();
+  for (const p of body.predictions) {
+    p.p_value = 0.0123;
+    p.layers = {block3: 0.62, avgpool: 0.91};
+    p.least_covered_layer = "block3";
+  }
+  body.version = "7";
+  return new Response(JSON.stringify(body), {status: response.status, headers: response.headers});
+};
+"""
+
+
+def test_try_shows_p_value_layers_and_version_when_the_answer_has_them(
+    browser: WebDriver, server: ServerProcess, images: dict[str, Path]
+) -> None:
+    _open(browser, server.url + "/ui#try")
+    _wait(browser, lambda d: "profile" in d.find_element(By.ID, "served").text, "profile shown")
+    browser.execute_script(_EXTRA_FIELDS)
+    card = _try_images(browser, images)["noise"]
+    assert _field(card, "p_value") == "0.0123"
+    assert _field(card, "version") == "7"
+    layers = card.find_element(By.CSS_SELECTOR, '[data-field="layers"]')
+    assert "least covered: block3" in layers.text.lower()
+    rows = layers.find_elements(By.CSS_SELECTOR, ".bar")
+    assert [r.find_element(By.CSS_SELECTOR, ".lbl").text for r in rows] == ["block3", "avgpool"]
+    assert "low" in (rows[0].get_attribute("class") or "")
+    assert _console_errors(browser) == []
+
+
 def test_watch_panel_changes_after_traffic(
     browser: WebDriver, server: ServerProcess, traffic: list[bytes]
 ) -> None:
-    browser.get(server.url + "/ui#watch")
+    _open(browser, server.url + "/ui#watch")
     panel = _wait(
         browser,
         lambda d: d.find_elements(By.CSS_SELECTOR, "#watch-models .model"),
@@ -320,7 +364,7 @@ def _steady_traffic_screenshot(browser: WebDriver, url: str) -> None:
 def test_review_lists_the_flagged_image_and_takes_a_mark(
     browser: WebDriver, server: ServerProcess, images: dict[str, Path]
 ) -> None:
-    browser.get(server.url + "/ui#review")
+    _open(browser, server.url + "/ui#review")
     items = _wait(
         browser,
         lambda d: d.find_elements(By.CSS_SELECTOR, "#review-list .ritem"),
@@ -362,7 +406,7 @@ def test_review_lists_the_flagged_image_and_takes_a_mark(
 def test_with_a_key_the_page_asks_once_then_works(
     browser: WebDriver, keyed_server: ServerProcess, images: dict[str, Path]
 ) -> None:
-    browser.get(keyed_server.url + "/ui#try")
+    _open(browser, keyed_server.url + "/ui#try")
     form = _wait(
         browser, lambda d: d.find_element(By.ID, "key-form").is_displayed(), "key asked for"
     )
@@ -375,7 +419,7 @@ def test_with_a_key_the_page_asks_once_then_works(
     assert cards["noise"].get_attribute("data-ood") == "true"
     assert cards["ind"].get_attribute("data-ood") == "false"
     # The key stays for the browser session: a reload needs no new entry.
-    browser.get(keyed_server.url + "/ui#review")
+    _open(browser, keyed_server.url + "/ui#review")
     items = _wait(
         browser,
         lambda d: d.find_elements(By.CSS_SELECTOR, "#review-list .ritem"),

@@ -317,6 +317,17 @@
     }));
   }
 
+  // Per-layer scores share no fixed scale: bars relative to the largest, least covered in red.
+  function layerBars(layers, least) {
+    const entries = Object.entries(layers).map(([name, value]) => [name, Number(value)]);
+    const peak = Math.max(1e-12, ...entries.map(([, v]) => (Number.isFinite(v) ? Math.abs(v) : 0)));
+    const node = bars(entries.map(([name, v]) => [name, Number.isFinite(v) ? v / peak : 0, num(v)]));
+    Array.from(node.children).forEach((row, i) => {
+      if (entries[i][0] === least) row.classList.add("low");
+    });
+    return node;
+  }
+
   function facts(rows) {
     return el("dl", { class: "facts" }, rows.map(([k, v, testid]) =>
       el("div", null, [el("dt", { text: k }), el("dd", { text: v, "data-field": testid })])));
@@ -413,8 +424,7 @@
           class: "section-title",
           text: "per-layer coverage" + (least ? " · least covered: " + least : ""),
         }),
-        bars(Object.entries(layers).map(([name, value]) => [name, Number(value), num(Number(value))]),
-          p.threshold),
+        layerBars(layers, least),
       ]));
     }
   }
