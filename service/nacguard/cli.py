@@ -53,10 +53,10 @@ def _load_model_for_build(
     """Model, its reference, preprocessing, classes and default layers for ``profile build``."""
     import torch
 
-    from nacguard.models.bundle import load_bundle
-    from nacguard.models.demo import FashionCNN, demo_config
-    from nacguard.models.loading import build_model, load_state_dict, parse_model_spec
-    from nacguard.models.preprocess import PRESETS, PreprocessSpec
+    from nacguard.bundle import load_bundle
+    from nacguard.bundle.refs import build_model, load_state_dict, parse_model_spec
+    from nacguard.bundle.refs.demo import FashionCNN, demo_config
+    from nacguard.imaging.preprocess import PRESETS, PreprocessSpec
 
     candidate = Path(args.model)
     if (candidate / "bundle.json").is_file():
@@ -78,10 +78,10 @@ def _load_model_for_build(
 
 
 def _cmd_profile_build(args: argparse.Namespace) -> int:
-    from nacguard.datasets import load_source
-    from nacguard.models.build import BuildPlan, build_bundle
     from nacguard.nac import LayerConfig
     from nacguard.nac.states import resolve_modules
+    from nacguard.offline.build import BuildPlan, build_bundle
+    from nacguard.offline.datasets import load_source
 
     model, ref, preprocess, classes, layers = _load_model_for_build(args)
     default = LayerConfig("default", args.beta, args.saturation, args.n_edges)
@@ -116,9 +116,9 @@ def _cmd_profile_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile_eval(args: argparse.Namespace) -> int:
-    from nacguard.datasets import load_source
-    from nacguard.models.bundle import load_bundle
-    from nacguard.models.evaluate import evaluate, write_report
+    from nacguard.bundle import load_bundle
+    from nacguard.offline.datasets import load_source
+    from nacguard.offline.evaluate import evaluate, write_report
 
     bundle = load_bundle(args.profile, args.device)
     ind = load_source(args.ind, limit=args.limit, seed=args.seed)
@@ -127,6 +127,8 @@ def _cmd_profile_eval(args: argparse.Namespace) -> int:
         name, sep, spec = item.partition("=")
         if not sep or not name:
             raise ValueError(f"--ood expects NAME=SOURCE, got {item!r}")
+        if name in oods:
+            raise ValueError(f"--ood: the name {name!r} is given twice")
         oods[name] = load_source(spec, limit=args.limit, seed=args.seed)
     result = evaluate(bundle, ind, oods, batch_size=args.batch_size, progress=sys.stderr.isatty())
     print(result.table())
@@ -138,7 +140,7 @@ def _cmd_profile_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile_inspect(args: argparse.Namespace) -> int:
-    from nacguard.models.bundle import load_bundle
+    from nacguard.bundle import load_bundle
 
     info = load_bundle(args.profile).describe()
     if args.json:
@@ -162,9 +164,9 @@ def _cmd_profile_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from nacguard.datasets import is_image_file
-    from nacguard.models.bundle import load_bundle
-    from nacguard.models.preprocess import decode_image
+    from nacguard.bundle import load_bundle
+    from nacguard.imaging.preprocess import decode_image
+    from nacguard.offline.datasets import is_image_file
 
     bundle = load_bundle(args.profile, args.device)
     files: list[Path] = []
@@ -192,15 +194,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_eval(args: argparse.Namespace) -> int:
-    from nacguard.datasets import load_source
-    from nacguard.models.model_eval import (
+    from nacguard.imaging.preprocess import PRESETS, PreprocessSpec
+    from nacguard.nac import LayerConfig
+    from nacguard.offline.datasets import load_source
+    from nacguard.offline.ranking import (
         DEFAULT_LAYER,
         evaluate_checkpoints,
         parse_checkpoint,
         write_report,
     )
-    from nacguard.models.preprocess import PRESETS, PreprocessSpec
-    from nacguard.nac import LayerConfig
 
     checkpoints = [parse_checkpoint(t, args.model, args.num_classes) for t in args.checkpoints]
     all_demo = all(c.model_ref["kind"] == "demo" for c in checkpoints)
@@ -238,7 +240,7 @@ def _cmd_model_eval(args: argparse.Namespace) -> int:
 def _cmd_review_export(args: argparse.Namespace) -> int:
     import asyncio
 
-    from nacguard.store.review_export import export_review
+    from nacguard.offline.review_export import export_review
 
     url = args.redis_url or Settings().redis_url
     if not url:
@@ -302,7 +304,14 @@ def _parser() -> argparse.ArgumentParser:
     e = psub.add_parser("eval", help="AUROC / FPR95 / AUPR of NAC, MSP and energy")
     e.add_argument("--profile", required=True)
     e.add_argument("--ind", required=True)
-    e.add_argument("--ood", nargs="+", required=True, metavar="NAME=SOURCE")
+    e.add_argument(
+        "--ood",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="NAME=SOURCE",
+        help="OOD sets; repeat the flag or give several (every set is evaluated)",
+    )
     e.add_argument("--json")
     e.add_argument("--report")
     e.add_argument("--limit", type=int, help="at most N images per source (seeded subset)")
@@ -353,7 +362,11 @@ def _parser() -> argparse.ArgumentParser:
         "--data", required=True, help="labelled InD data the checkpoints were not trained on"
     )
     me.add_argument(
-        "--shifted", nargs="+", metavar="NAME=SOURCE", help="labelled shifted test sets"
+        "--shifted",
+        nargs="+",
+        action="extend",
+        metavar="NAME=SOURCE",
+        help="labelled shifted test sets (repeatable)",
     )
     me.add_argument(
         "--layers",

@@ -4,17 +4,43 @@ import time."""
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEMO_PROFILE", "Settings"]
+__all__ = ["DEMO_PROFILE", "Settings", "demo_profile"]
 
-#: The bundled demo profile (Fashion-MNIST). Found beside the source tree; Docker images copy it
-#: to /opt/nacguard/profiles and point NACGUARD_PROFILE at it.
-DEMO_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "fashion-mnist"
+#: Where an installed wheel puts the demo bundle, below the installation's data prefix
+#: (``[tool.setuptools.data-files]`` in pyproject.toml).
+_DEMO_DATA_DIR = "share/nacguard/profiles/fashion-mnist"
+
+
+def demo_profile() -> Path:
+    """The bundled demo profile (Fashion-MNIST).
+
+    In a checkout it is ``profiles/fashion-mnist`` beside the source tree (what ``rebuild.sh``
+    writes); an installed package ships it as data files, found through the distribution's
+    file list (so a virtual environment, ``--user`` or ``--prefix`` installation all work).
+    Docker images copy it to /opt/nacguard/profiles and point NACGUARD_PROFILE at it.
+    """
+    checkout = Path(__file__).resolve().parents[2] / "profiles" / "fashion-mnist"
+    if (checkout / "bundle.json").is_file():
+        return checkout
+    try:
+        files = metadata.files("nacguard") or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.as_posix().endswith(f"{_DEMO_DATA_DIR}/bundle.json"):
+            return Path(str(file.locate())).resolve().parent
+    return checkout  # not installed either: loading it reports the missing bundle
+
+
+#: The demo profile as found when this module was imported (for tools; Settings looks anew).
+DEMO_PROFILE = demo_profile()
 
 
 class Settings(BaseSettings):
@@ -23,7 +49,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NACGUARD_", extra="forbid")
 
     # --- model and device -------------------------------------------------------------------
-    profile: Path = Field(DEMO_PROFILE, description="Profile bundle directory to serve.")
+    profile: Path = Field(
+        default_factory=demo_profile,
+        description="Profile bundle directory to serve (default: the bundled demo).",
+    )
     device: str = Field(
         "cpu",
         description="Torch device(s): 'cpu', 'cuda', 'cuda:1', or a comma list "

@@ -1,5 +1,5 @@
 """The app factory: ``create_app(settings)`` builds a FastAPI app that owns one
-:class:`~nacguard.api.service.Service` (model, batcher, metrics, store) for its lifespan."""
+:class:`~nacguard.serving.Service` (model, batcher, metrics, store) for its lifespan."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 import nacguard
+from nacguard.serving import Service
 from nacguard.settings import Settings
 
 from .auth import ApiKeyMiddleware, ApiKeys, document_api_keys, load_api_keys
 from .errors import install_error_handler
 from .middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from .routes import router
-from .service import Service
 from .ui import PUBLIC_PATHS, make_ui_router
 
 __all__ = ["create_app"]

@@ -16,8 +16,6 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nacguard.errors import Overloaded
-
 from .errors import error_response
 from .logs import request_id_var
 
@@ -48,9 +46,10 @@ def _request_id(scope: Scope) -> str:
 def _shed_if_full(scope: Scope) -> None:
     """Refuse a ``/predict`` request here, before routing, when the service is full.
 
-    The same bound as :meth:`Service.admit` (which stays the authority): checked this early, a
-    rejection skips the framework's routing, dependency and exception layers and costs about a
-    third as much, which under overload is what is left for the requests being served.
+    The bound is the service's (:meth:`Service.check_capacity`, which :meth:`Service.admit`
+    applies too): checked this early, a rejection skips the framework's routing, dependency and
+    exception layers and costs about a third as much, which under overload is what is left for
+    the requests being served.
 
     Raises:
         Overloaded: ``max_queue_images`` requests are in progress.
@@ -59,10 +58,7 @@ def _shed_if_full(scope: Scope) -> None:
     service = getattr(getattr(app, "state", None), "service", None)
     if service is None or not service.ready:
         return  # not started or draining: the route answers 503 as usual
-    if service.requests_in_progress >= service.settings.max_queue_images:
-        raise Overloaded(
-            "too many requests in progress", retry_after=service.settings.retry_after_s
-        )
+    service.check_capacity()
 
 
 class RequestContextMiddleware:

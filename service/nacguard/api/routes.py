@@ -23,15 +23,16 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from nacguard.errors import InvalidRequest
+from nacguard.imaging.decode import cheap_to_parse
+from nacguard.serving import PredictOutcome, Service
 
+from .body import parse_images, read_body
 from .errors import ERROR_RESPONSES
-from .inputs import parse_images, read_body
 from .schemas import (
     PREDICT_REQUEST_BODY,
     DriftOut,
@@ -41,17 +42,12 @@ from .schemas import (
     ProfileOut,
     ReadyOut,
 )
-from .service import PredictOutcome, Service
 
 __all__ = ["router"]
 
 T = TypeVar("T")
 
 router = APIRouter()
-
-# Splitting and hashing a small body takes microseconds, less than a hop to a worker thread and
-# back; larger bodies (base64 and sha256 run at ~1 GB/s) are parsed off the event loop.
-_INLINE_PARSE_BYTES = 64 * 1024
 
 _NOT_READY: dict[int | str, dict[str, Any]] = {503: ERROR_RESPONSES[503]}
 
@@ -169,10 +165,11 @@ async def predict(
         deadline = time.monotonic() + timeout
         body = await read_body(request, service.limits.max_body_bytes)
         content_type = request.headers.get("content-type")
-        if len(body) <= _INLINE_PARSE_BYTES:
-            images = parse_images(body, content_type, service.limits)
-        else:
-            images = await run_in_threadpool(parse_images, body, content_type, service.limits)
+        # Splitting and hashing a small body takes microseconds; larger bodies (base64 and
+        # sha256 run at ~1 GB/s) are parsed off the event loop: the imaging policy decides.
+        images = await service.offloop.run(
+            cheap_to_parse(len(body)), parse_images, body, content_type, service.limits
+        )
         del body
         outcome = await _unless_disconnected(
             request,

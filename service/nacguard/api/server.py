@@ -25,13 +25,13 @@ from types import FrameType
 
 import uvicorn
 
+from nacguard.bundle import BUNDLE_FILE
 from nacguard.errors import BundleError
-from nacguard.models.bundle import BUNDLE_FILE
+from nacguard.serving import Service
 from nacguard.settings import Settings
 
 from .app import create_app
 from .logs import configure_logging
-from .service import Service
 
 __all__ = ["DrainingServer", "serve"]
 

@@ -37,11 +37,11 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from nacguard.serving import Service
 from nacguard.store.records import ReviewItem, ReviewLog, ReviewMark
 from nacguard.store.review_zip import write_review_zip
 
 from .errors import ERROR_RESPONSES
-from .service import Service
 from .ui_data import Thumbnails, calibration_histogram, registry_stats, review_item_json
 
 __all__ = ["CONTENT_SECURITY_POLICY", "PUBLIC_PATHS", "make_ui_router"]

@@ -101,6 +101,7 @@ class DriftReference:
             raise ValueError("reference_scores holds no finite score")
         self.threshold = threshold
         self.reference_size = int(ref.size)
+        self._sorted = ref
 
         quantiles = np.quantile(ref, np.arange(1, n_bins) / n_bins)
         inner = sorted({_round_sig(float(q)) for q in quantiles} - {threshold})
@@ -122,6 +123,14 @@ class DriftReference:
         # edges[ood_bins] == threshold, so bins 0 .. ood_bins-1 lie wholly below it.
         self.ood_bins = int(np.searchsorted(self.edges, threshold))
         self.reference_ood_rate = float(self.expected[: self.ood_bins].sum())
+
+    def cdf_at_edges(self) -> list[tuple[float, float]]:
+        """``(edge, share of reference scores <= edge)`` for every finite edge."""
+        ref = self._sorted
+        return [
+            (float(e), float(np.searchsorted(ref, e, side="right") / max(ref.size, 1)))
+            for e in self.finite_edges
+        ]
 
     def _merge_empty(self, edges: np.ndarray, ref: np.ndarray) -> np.ndarray:
         """Drop edges (never the threshold or the infinities) that bound an empty bin."""

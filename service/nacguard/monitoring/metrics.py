@@ -1,4 +1,5 @@
-"""Every Prometheus metric nacguard exports, in one place.
+"""Every Prometheus metric nacguard exports, created and recorded in one place (names, help
+texts and buckets: :mod:`nacguard.monitoring.catalogue`).
 
 Conventions: names start with ``nacguard_`` and end in their base unit (``_seconds``,
 ``_bytes``, ``_images``) or ``_total`` for counters; durations and sizes are histograms, which
@@ -17,11 +18,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
-import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -32,86 +31,23 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from nacguard.monitoring.catalogue import (
+    BATCH_BUCKETS,
+    HELP,
+    INFERENCE_BUCKETS,
+    OTHER,
+    QUEUE_BUCKETS,
+    REJECT_REASONS,
+    REQUEST_BUCKETS,
+)
+from nacguard.monitoring.collectors import DeviceMemoryCollector, Labelled
 from nacguard.monitoring.drift import DriftReference, DriftReport
 
 __all__ = ["REJECT_REASONS", "BatchStatsLike", "Metrics"]
 
 log = logging.getLogger(__name__)
-
-#: Reasons work is refused or dropped; ``Metrics.reject`` takes one of these.
-REJECT_REASONS: tuple[str, ...] = (
-    "queue_full",
-    "deadline",
-    "too_large",
-    "bad_input",
-    "unsupported",
-    "unauthorized",
-    "shutting_down",
-    "inference_error",
-)
-
-#: Label value for classes past ``max_class_series`` and for unknown rejection reasons.
-OTHER = "other"
-
-# End-to-end request latency: from a cached answer (~1 ms) to the default 10 s deadline.
-_REQUEST_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
-# Queue waits are often far below a millisecond when idle and reach seconds under overload.
-_QUEUE_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-# One batch's forward pass: sub-millisecond for the demo net, up to seconds for big CPU batches.
-_INFERENCE_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-# Powers of two cover every max_batch_size the settings allow (<= 4096).
-_BATCH_BUCKETS = tuple(float(2**i) for i in range(13))
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -129,69 +65,7 @@ class BatchStatsLike(Protocol):
     def compute_s(self) -> float: ...
 
 
-class _DeviceMemoryCollector(Collector):
-    """Reads CUDA memory at scrape time, for devices torch has already initialised.
-
-    torch is looked up in ``sys.modules`` instead of imported: monitoring must not pull torch in,
-    and a scrape must never be the thing that initialises CUDA.
-    """
-
-    def __init__(self, model: str, profile: str) -> None:
-        self._labels = [model, profile]
-
-    def collect(self) -> Iterable[Metric]:
-        names = ["model", "profile", "device"]
-        allocated = GaugeMetricFamily(
-            "nacguard_device_memory_allocated_bytes",
-            "Accelerator memory held by tensors (torch.cuda.memory_allocated).",
-            labels=names,
-        )
-        reserved = GaugeMetricFamily(
-            "nacguard_device_memory_reserved_bytes",
-            "Accelerator memory reserved by the caching allocator (torch.cuda.memory_reserved).",
-            labels=names,
-        )
-        total = GaugeMetricFamily(
-            "nacguard_device_memory_total_bytes",
-            "Accelerator memory capacity.",
-            labels=names,
-        )
-        torch = sys.modules.get("torch")
-        try:
-            if torch is not None and torch.cuda.is_initialized():
-                for index in range(torch.cuda.device_count()):
-                    labels = [*self._labels, f"cuda:{index}"]
-                    allocated.add_metric(labels, float(torch.cuda.memory_allocated(index)))
-                    reserved.add_metric(labels, float(torch.cuda.memory_reserved(index)))
-                    props = torch.cuda.get_device_properties(index)
-                    total.add_metric(labels, float(props.total_memory))
-        except Exception:  # a scrape must not fail because a device query did
-            log.warning("device memory query failed", exc_info=True)
-        yield allocated
-        yield reserved
-        yield total
-
-
-class _Labelled(Collector):
-    """Adds the constant model/profile labels to another collector's samples (the process
-    collector), so every nacguard series can be filtered by model alike."""
-
-    def __init__(self, inner: Collector, labels: Mapping[str, str]) -> None:
-        self._inner = inner
-        self._labels = dict(labels)
-
-    def collect(self) -> Iterable[Metric]:
-        for family in self._inner.collect():
-            out = Metric(family.name, family.documentation, family.type, family.unit)
-            for sample in family.samples:
-                out.add_sample(
-                    sample.name,
-                    {**sample.labels, **self._labels},
-                    sample.value,
-                    sample.timestamp,
-                    sample.exemplar,
-                )
-            yield out
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 
 class Metrics:
@@ -206,11 +80,9 @@ class Metrics:
         *,
         model: str,
         profile: str,
-        reference_scores: np.ndarray,
-        threshold: float,
+        drift_reference: DriftReference,
         expected_ood_rate: float,
         registry: CollectorRegistry | None = None,
-        drift_reference: DriftReference | None = None,
         max_queue_images: int | None = None,
         classes: Sequence[str] | None = None,
         max_class_series: int = 100,
@@ -222,14 +94,11 @@ class Metrics:
         Args:
             model: model name (constant ``model`` label).
             profile: profile id (constant ``profile`` label).
-            reference_scores: the profile's InD calibration scores.
-            threshold: the OOD threshold (score below = OOD).
+            drift_reference: the drift bins (built by the serving core from the calibration):
+                the NAC score histogram's buckets, the reference CDF and the threshold.
             expected_ood_rate: share flagged OOD without drift, ``1 - calibrated TPR``.
             registry: registry to use; a fresh one by default (never the global one, so several
                 apps in one test process do not collide).
-            drift_reference: bins for the NAC score histogram; built from ``reference_scores``
-                and ``threshold`` with default bins when absent. Use :attr:`drift_reference`
-                for the drift window so both share the same bins.
             max_queue_images: the batcher's queue bound, exported so saturation is a ratio.
             classes: the model's class labels. When given (and no more than
                 ``max_class_series``) every class gets a series from the start, so rates of
@@ -242,89 +111,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model = model
         self.profile = profile
-        self.drift_reference = drift_reference or DriftReference(reference_scores, threshold)
-        base = ("model", "profile")
-        base_l = {"model": model, "profile": profile}
-        reg = self.registry
-
-        # --- HTTP -----------------------------------------------------------------------------
-        self._requests = Counter(
-            "nacguard_http_requests",
-            "HTTP requests answered, by route template, method and status code.",
-            [*base, "endpoint", "method", "status"],
-            registry=reg,
-        )
-        self._request_seconds = Histogram(
-            "nacguard_http_request_duration_seconds",
-            "Time from request received to response sent.",
-            [*base, "endpoint", "method"],
-            buckets=_REQUEST_BUCKETS,
-            registry=reg,
-        )
-        self._rejections = Counter(
-            "nacguard_rejections",
-            "Requests refused or dropped, by reason.",
-            [*base, "reason"],
-            registry=reg,
-        )
-        for reason in REJECT_REASONS:
-            self._rejections.labels(model, profile, reason)
-
-        # --- batching -------------------------------------------------------------------------
-        self._queue_wait = Histogram(
-            "nacguard_queue_wait_seconds",
-            "Per image: time from enqueue to the start of its batch.",
-            [*base, "device"],
-            buckets=_QUEUE_BUCKETS,
-            registry=reg,
-        )
-        self._inference = Histogram(
-            "nacguard_inference_duration_seconds",
-            "Per batch: forward pass and scoring time on the device.",
-            [*base, "device"],
-            buckets=_INFERENCE_BUCKETS,
-            registry=reg,
-        )
-        self._batch_size = Histogram(
-            "nacguard_batch_size_images",
-            "Images per computed batch.",
-            [*base, "device"],
-            buckets=_BATCH_BUCKETS,
-            registry=reg,
-        )
-        self._queue_images = Gauge(
-            "nacguard_queue_images", "Images queued, waiting for a batch.", base, registry=reg
-        ).labels(model, profile)
-        self._queue_capacity = Gauge(
-            "nacguard_queue_capacity_images",
-            "Queue bound (max_queue_images); queued / capacity is saturation.",
-            base,
-            registry=reg,
-        ).labels(model, profile)
-        self._queue_capacity.set(math.nan if max_queue_images is None else max_queue_images)
-        self._in_flight = Gauge(
-            "nacguard_in_flight_images",
-            "Images accepted and not yet answered (queued or computing).",
-            base,
-            registry=reg,
-        ).labels(model, profile)
-
-        # --- predictions and scores -----------------------------------------------------------
-        self._scored = Counter(
-            "nacguard_images_scored", "Images classified and scored.", base, registry=reg
-        ).labels(model, profile)
-        self._ood = Counter(
-            "nacguard_images_ood",
-            "Images flagged out-of-distribution (NAC score below the threshold).",
-            base,
-            registry=reg,
-        ).labels(model, profile)
-        self._predictions = Counter(
-            "nacguard_predictions",
-            "Images by predicted class.",
-            [*base, "class"],
-            registry=reg,
-        )
+        self.drift_reference = drift_reference
         # prometheus_client's labels() validates, builds a key and takes a lock on every call;
         # the hot path keeps the children it has looked up (children are never removed).
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -333,133 +120,108 @@ class Metrics:
         self._max_class_series = max_class_series
         self._classes: set[str] = set()
         self._classes_fixed = False
-        if classes is not None and len(classes) <= max_class_series:
+        self._drift_scope: str | None = None
+        self._init_http()
+        self._init_batching(max_queue_images)
+        self._init_predictions(classes, expected_ood_rate, info)
+        self._init_shared_state()
+        self._init_drift()
+        base_l = {"model": model, "profile": profile}
+        if process_metrics:
+            self.registry.register(
+                Labelled(ProcessCollector(namespace="nacguard", registry=None), base_l)
+            )
+        self.registry.register(DeviceMemoryCollector(model, profile))
+
+    def _family(self, kind: type[_M], name: str, labels: Sequence[str] = (), **kwargs: Any) -> _M:
+        """Metric ``nacguard_<name>`` (help text from :data:`HELP`), labelled model, profile and
+        ``labels``."""
+        return kind(
+            f"nacguard_{name}",
+            HELP[name],
+            ["model", "profile", *labels],
+            registry=self.registry,
+            **kwargs,
+        )
+
+    def _series(self, kind: type[_M], name: str, **kwargs: Any) -> Any:
+        """The one series of an unlabelled :meth:`_family`."""
+        return self._family(kind, name, **kwargs).labels(self.model, self.profile)
+
+    def _init_http(self) -> None:
+        self._requests = self._family(Counter, "http_requests", ("endpoint", "method", "status"))
+        self._request_seconds = self._family(
+            Histogram, "http_request_duration_seconds", ("endpoint", "method"),
+            buckets=REQUEST_BUCKETS,
+        )  # fmt: skip
+        self._rejections = self._family(Counter, "rejections", ("reason",))
+        for reason in REJECT_REASONS:
+            self._rejections.labels(self.model, self.profile, reason)
+
+    def _init_batching(self, max_queue_images: int | None) -> None:
+        device = ("device",)
+        self._queue_wait = self._family(
+            Histogram, "queue_wait_seconds", device, buckets=QUEUE_BUCKETS
+        )
+        self._inference = self._family(
+            Histogram, "inference_duration_seconds", device, buckets=INFERENCE_BUCKETS
+        )
+        self._batch_size = self._family(
+            Histogram, "batch_size_images", device, buckets=BATCH_BUCKETS
+        )
+        self._queue_images = self._series(Gauge, "queue_images")
+        self._queue_capacity = self._series(Gauge, "queue_capacity_images")
+        self._queue_capacity.set(math.nan if max_queue_images is None else max_queue_images)
+        self._in_flight = self._series(Gauge, "in_flight_images")
+
+    def _init_predictions(
+        self,
+        classes: Sequence[str] | None,
+        expected_ood_rate: float,
+        info: Mapping[str, str] | None,
+    ) -> None:
+        model, profile = self.model, self.profile
+        self._scored = self._series(Counter, "images_scored")
+        self._ood = self._series(Counter, "images_ood")
+        self._predictions = self._family(Counter, "predictions", ("class",))
+        if classes is not None and len(classes) <= self._max_class_series:
             self._classes = set(classes)
             self._classes_fixed = True
             for label in classes:
                 self._predictions.labels(model, profile, label)
-        self._scores = Histogram(
-            "nacguard_nac_score",
-            "NAC scores of scored images; buckets are the drift reference's bin edges.",
-            base,
-            buckets=self.drift_reference.finite_edges,
-            registry=reg,
-        ).labels(model, profile)
-        reference_cdf = Gauge(
-            "nacguard_nac_score_reference_cdf",
-            "Share of the InD calibration scores <= le: the expected value of the NAC score "
-            "histogram's bucket / count ratio without drift.",
-            [*base, "le"],
-            registry=reg,
+        self._scores = self._series(
+            Histogram, "nac_score", buckets=self.drift_reference.finite_edges
         )
-        ref = np.sort(np.asarray(reference_scores, dtype=np.float64).ravel())
-        ref = ref[np.isfinite(ref)]
-        for edge in self.drift_reference.finite_edges:
-            share = float(np.searchsorted(ref, edge, side="right") / max(ref.size, 1))
+        reference_cdf = self._family(Gauge, "nac_score_reference_cdf", ("le",))
+        for edge, share in self.drift_reference.cdf_at_edges():
             reference_cdf.labels(model, profile, floatToGoString(edge)).set(share)
         reference_cdf.labels(model, profile, "+Inf").set(1.0)
-        Gauge(
-            "nacguard_ood_threshold", "NAC score below which an image is OOD.", base, registry=reg
-        ).labels(model, profile).set(threshold)
-        Gauge(
-            "nacguard_expected_ood_rate",
-            "Share of InD images flagged OOD by design (1 - calibrated TPR).",
-            base,
-            registry=reg,
-        ).labels(model, profile).set(expected_ood_rate)
+        self._series(Gauge, "ood_threshold").set(self.drift_reference.threshold)
+        self._series(Gauge, "expected_ood_rate").set(expected_ood_rate)
         extra = dict(info or {})
         for key in extra:
-            if not _LABEL_NAME.match(key) or key in base or key.startswith("__"):
+            if not _LABEL_NAME.match(key) or key in ("model", "profile") or key.startswith("__"):
                 raise ValueError(f"invalid info label name {key!r}")
         info_keys = sorted(extra)
-        Gauge(
-            "nacguard_model_info",
-            "Constant 1; the labels describe the served model and profile.",
-            [*base, *info_keys],
-            registry=reg,
-        ).labels(model, profile, *(str(extra[k]) for k in info_keys)).set(1)
+        self._family(Gauge, "model_info", info_keys).labels(
+            model, profile, *(str(extra[k]) for k in info_keys)
+        ).set(1)
 
-        # --- shared state ---------------------------------------------------------------------
-        self._cache = Counter(
-            "nacguard_cache_lookups",
-            "Result-cache lookups, by result (hit or miss).",
-            [*base, "result"],
-            registry=reg,
-        )
-        self._cache_hit = self._cache.labels(model, profile, "hit")
-        self._cache_miss = self._cache.labels(model, profile, "miss")
-        self._redis_errors = Counter(
-            "nacguard_redis_errors",
-            "Redis calls that failed or timed out, by operation.",
-            [*base, "operation"],
-            registry=reg,
-        )
+    def _init_shared_state(self) -> None:
+        self._cache = self._family(Counter, "cache_lookups", ("result",))
+        self._cache_hit = self._cache.labels(self.model, self.profile, "hit")
+        self._cache_miss = self._cache.labels(self.model, self.profile, "miss")
+        self._redis_errors = self._family(Counter, "redis_errors", ("operation",))
         # No series until Redis is in use: without Redis configured there is nothing to be down.
-        self._redis_up = Gauge(
-            "nacguard_redis_up", "1 if the last Redis call succeeded, else 0.", base, registry=reg
-        )
-        self._review = Counter(
-            "nacguard_review_appends",
-            "OOD images appended to the review stream (or folder).",
-            base,
-            registry=reg,
-        ).labels(model, profile)
+        self._redis_up = self._family(Gauge, "redis_up")
+        self._review = self._series(Counter, "review_appends")
 
-        # --- drift ----------------------------------------------------------------------------
-        scoped = [*base, "scope"]
+    def _init_drift(self) -> None:
         self._drift_gauges = {
-            "ood_rate": Gauge(
-                "nacguard_drift_ood_rate",
-                "Share of the drift window flagged OOD (NaN below min samples).",
-                scoped,
-                registry=reg,
-            ),
-            "psi": Gauge(
-                "nacguard_drift_psi",
-                "Population stability index of the drift window vs the reference.",
-                scoped,
-                registry=reg,
-            ),
-            "ks": Gauge(
-                "nacguard_drift_ks",
-                "Kolmogorov-Smirnov statistic of the drift window vs the reference.",
-                scoped,
-                registry=reg,
-            ),
-            "samples": Gauge(
-                "nacguard_drift_samples", "Scores in the drift window.", scoped, registry=reg
-            ),
-            "window": Gauge(
-                "nacguard_drift_window_seconds",
-                "Length of the drift window.",
-                scoped,
-                registry=reg,
-            ),
-            "psi_threshold": Gauge(
-                "nacguard_drift_psi_threshold",
-                "PSI above this counts as drift.",
-                scoped,
-                registry=reg,
-            ),
-            "ks_threshold": Gauge(
-                "nacguard_drift_ks_threshold",
-                "KS above this counts as drift.",
-                scoped,
-                registry=reg,
-            ),
-            "drifting": Gauge(
-                "nacguard_drift_drifting",
-                "1 if PSI or KS is above its threshold, else 0.",
-                scoped,
-                registry=reg,
-            ),
+            name: self._family(Gauge, name, ("scope",))
+            for name in HELP
+            if name.startswith("drift_")
         }
-        self._drift_scope: str | None = None
-
-        # --- resources ------------------------------------------------------------------------
-        if process_metrics:
-            reg.register(_Labelled(ProcessCollector(namespace="nacguard", registry=None), base_l))
-        reg.register(_DeviceMemoryCollector(model, profile))
 
     # --- HTTP ---------------------------------------------------------------------------------
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
@@ -594,14 +356,14 @@ class Metrics:
             return math.nan if x is None else float(x)
 
         values = {
-            "ood_rate": value(report.ood_rate),
-            "psi": value(report.psi),
-            "ks": value(report.ks),
-            "samples": float(report.samples),
-            "window": report.window_s,
-            "psi_threshold": report.psi_threshold,
-            "ks_threshold": report.ks_threshold,
-            "drifting": 1.0 if report.drifting else 0.0,
+            "drift_ood_rate": value(report.ood_rate),
+            "drift_psi": value(report.psi),
+            "drift_ks": value(report.ks),
+            "drift_samples": float(report.samples),
+            "drift_window_seconds": report.window_s,
+            "drift_psi_threshold": report.psi_threshold,
+            "drift_ks_threshold": report.ks_threshold,
+            "drift_drifting": 1.0 if report.drifting else 0.0,
         }
         for key, gauge in self._drift_gauges.items():
             gauge.labels(self.model, self.profile, scope).set(values[key])
@@ -618,22 +380,3 @@ class Metrics:
             encoder, content_type = choose_encoder(accept)
             return encoder(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-    def sample_names(self) -> set[str]:
-        """Every sample name this registry can export, whether or not it has a value yet.
-
-        Used by tests to check that dashboards and rules only reference real metrics.
-        """
-        suffixes = {
-            "counter": ("_total", "_created"),
-            "histogram": ("_bucket", "_count", "_sum", "_created"),
-            "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
-            "summary": ("", "_count", "_sum", "_created"),
-            "info": ("_info",),
-        }
-        names: set[str] = set()
-        for family in self.registry.collect():
-            for suffix in suffixes.get(family.type, ("",)):
-                names.add(family.name + suffix)
-            names.update(sample.name for sample in family.samples)
-        return names

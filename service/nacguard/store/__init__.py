@@ -11,19 +11,15 @@ from nacguard.store.base import (
 )
 from nacguard.store.factory import Store, make_store
 from nacguard.store.records import ReviewEntry
-from nacguard.store.review_export import ExportResult, ReviewReader, export_review
 
 __all__ = [
     "DriftWindow",
-    "ExportResult",
     "ResultCache",
     "ReviewEntry",
-    "ReviewReader",
     "ReviewRecord",
     "ReviewSink",
     "Store",
     "StoreMetrics",
     "WindowCounts",
-    "export_review",
     "make_store",
 ]

@@ -132,7 +132,13 @@ class WindowCounts:
 
 
 class ResultCache(Protocol):
-    """Predictions by image hash, for one profile."""
+    """Predictions by image hash, for one profile.
+
+    Attributes:
+        enabled: False for the cache that is off (every lookup misses): callers skip the work.
+    """
+
+    enabled: bool
 
     async def get(self, image_sha256: str) -> dict | None:
         """The cached value for this image, or ``None`` (miss, expired, or backend down)."""
@@ -144,7 +150,13 @@ class ResultCache(Protocol):
 
 
 class ReviewSink(Protocol):
-    """Where flagged images go."""
+    """Where flagged images go.
+
+    Attributes:
+        enabled: False when review recording is off (records are dropped).
+    """
+
+    enabled: bool
 
     async def append(self, record: ReviewRecord) -> None:
         """Record one flagged image (best effort; never raises)."""

@@ -46,6 +46,16 @@ class Store:
         self._link = link
 
     @property
+    def caching(self) -> bool:
+        """Whether results are cached (the cache is on)."""
+        return self.cache.enabled
+
+    @property
+    def reviewing(self) -> bool:
+        """Whether flagged images are recorded for review."""
+        return self.review.enabled
+
+    @property
     def backend(self) -> str:
         """``"redis"`` or ``"local"``."""
         return "local" if self._link is None else "redis"

@@ -58,6 +58,8 @@ _MARK_SUFFIX = ".mark"
 class NullCache:
     """A cache that is off: every lookup misses, nothing is stored, nothing is counted."""
 
+    enabled = False
+
     async def get(self, image_sha256: str) -> dict | None:
         """Always ``None``."""
         return None
@@ -68,6 +70,8 @@ class NullCache:
 
 class NullReviewSink:
     """Review recording switched off (no Redis and no ``review_dir``)."""
+
+    enabled = False
 
     async def append(self, record: ReviewRecord) -> None:
         """Drop the record."""
@@ -85,6 +89,8 @@ class LocalResultCache:
         metrics: receives hit/miss counts.
         clock: monotonic seconds (tests pass their own to expire entries without sleeping).
     """
+
+    enabled = True
 
     def __init__(
         self,
@@ -198,6 +204,8 @@ class LocalReviewDir:
         profile: profile identity written into each record.
         metrics: ``review_appended`` per record written.
     """
+
+    enabled = True
 
     def __init__(
         self,

@@ -78,6 +78,8 @@ class RedisResultCache:
         metrics: hit/miss counts (a lookup skipped or failed because Redis is down is a miss).
     """
 
+    enabled = True
+
     def __init__(
         self,
         link: RedisLink,
@@ -135,6 +137,8 @@ class RedisReviewSink:
         profile: profile identity written into each entry.
         metrics: ``review_appended`` per entry written.
     """
+
+    enabled = True
 
     def __init__(
         self,

@@ -21,10 +21,10 @@ from torch import distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from nacguard.datasets import ImageSource, class_balanced_indices
-from nacguard.models.bundle import Calibration, save_bundle
-from nacguard.models.preprocess import PreprocessSpec
+from nacguard.bundle import Calibration, save_bundle
+from nacguard.imaging.preprocess import PreprocessSpec
 from nacguard.nac import LayerConfig, NacProfile, NacScorer, ProfileBuilder, threshold_at_tpr
+from nacguard.offline.datasets import ImageSource, class_balanced_indices
 
 __all__ = ["BuildPlan", "batches", "build_bundle", "split_indices"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nacguard.models.bundle import Bundle, Prediction
+from nacguard.bundle import Bundle, Prediction
 from nacguard.settings import Settings
 
 __all__ = ["BatchInfo", "DeviceCompute", "ImageResult"]

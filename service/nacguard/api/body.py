@@ -1,9 +1,7 @@
-"""Reading ``/predict`` requests: the body (streamed, size-limited), the three input forms, the
-per-request limits, and decoding + preprocessing into tensors.
+"""Reading ``/predict`` requests: the body (streamed, size-limited) and the three input forms
+(raw image, multipart, JSON base64), with the per-request count and size limits.
 
-Everything that can reject a request happens here, before any image is queued, so one bad image
-fails its own request with a 4xx and never a batch it would have shared. The CPU-bound steps
-(:func:`parse_images`, :func:`decode_images`) are plain functions the route runs in a thread.
+Decoding, the limits and where the work runs are :mod:`nacguard.imaging.decode`'s.
 """
 
 from __future__ import annotations
@@ -11,93 +9,22 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import re
-import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 
-import torch
-from PIL import Image
 from pydantic import ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from nacguard.errors import (
-    BadImage,
-    InvalidRequest,
-    NacguardError,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-)
-from nacguard.models.preprocess import PreprocessSpec, decode_image
-from nacguard.settings import Settings
+from nacguard.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from nacguard.imaging.decode import InputLimits, RawImage
 
 from .schemas import IMAGE_MEDIA_TYPES, PredictJSON
 
-__all__ = [
-    "INLINE_DECODE_BYTES",
-    "INLINE_DECODE_PIXELS",
-    "DecodedImage",
-    "InputLimits",
-    "RawImage",
-    "cheap_to_decode",
-    "decode_images",
-    "parse_images",
-    "read_body",
-]
+__all__ = ["parse_images", "read_body"]
 
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")
-
-
-@dataclass(frozen=True)
-class InputLimits:
-    """The request limits, from the settings."""
-
-    max_body_bytes: int
-    max_images: int
-    max_image_bytes: int
-    max_pixels: int
-    allowed_formats: tuple[str, ...]
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> InputLimits:
-        """The limits configured in ``settings``."""
-        return cls(
-            max_body_bytes=settings.max_body_bytes,
-            max_images=settings.max_images_per_request,
-            max_image_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            allowed_formats=tuple(f.upper() for f in settings.allowed_formats),
-        )
-
-
-@dataclass(frozen=True)
-class RawImage:
-    """One encoded image as received.
-
-    Attributes:
-        data: the encoded bytes.
-        sha256: hex digest of ``data`` (the result-cache key).
-    """
-
-    data: bytes
-    sha256: str
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    """One image ready to queue.
-
-    Attributes:
-        tensor: the preprocessed model input [C, H, W] (CPU, float32).
-        content_type: media type of the decoded format, e.g. ``image/png``.
-    """
-
-    tensor: torch.Tensor
-    content_type: str
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -271,82 +198,3 @@ def parse_images(body: bytes, content_type: str | None, limits: InputLimits) -> 
         f"Content-Type {media_type or '(none)'} is not accepted; send multipart/form-data, "
         "application/json or an image type such as image/png"
     )
-
-
-#: Images this small (encoded bytes and pixels, summed over a request) are decoded on the event
-#: loop: a 28x28 PNG decodes and preprocesses in ~40 us, less than the hop to a worker thread
-#: and back costs under load (thread wake-ups, GIL hand-overs). The pixel bound, read from the
-#: header, keeps a small file that claims a large image off the loop.
-INLINE_DECODE_BYTES = 64 * 1024
-INLINE_DECODE_PIXELS = 128 * 128
-
-
-def cheap_to_decode(
-    images: Sequence[RawImage],
-    *,
-    max_bytes: int = INLINE_DECODE_BYTES,
-    max_pixels: int = INLINE_DECODE_PIXELS,
-) -> bool:
-    """Whether decoding ``images`` is cheap enough to do on the event loop.
-
-    Reads only the headers. Anything unusual (unreadable header, a decompression-bomb warning)
-    answers False, so the full checks of :func:`decode_images` run in the pool as for any
-    large image, and report the error.
-
-    Args:
-        images: the encoded images.
-        max_bytes: at most this many encoded bytes in all.
-        max_pixels: at most this many pixels (width * height) in all.
-    """
-    if sum(len(raw.data) for raw in images) > max_bytes:
-        return False
-    pixels = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for raw in images:
-            try:
-                with Image.open(io.BytesIO(raw.data)) as image:
-                    width, height = image.size
-            except Exception:  # Pillow raises many types for corrupt data
-                return False
-            pixels += width * height
-            if pixels > max_pixels:
-                return False
-    return True
-
-
-def decode_images(
-    images: Sequence[RawImage],
-    preprocess: PreprocessSpec,
-    limits: InputLimits,
-    positions: Sequence[int] | None = None,
-) -> list[DecodedImage]:
-    """Decode and preprocess every image, or fail on the first bad one.
-
-    Args:
-        images: the encoded images.
-        preprocess: the bundle's preprocessing.
-        limits: the request limits.
-        positions: each image's index in its request, for error messages (default: 0, 1, ...).
-
-    Raises:
-        BadImage: an image that does not decode.
-        UnsupportedMediaType: a format outside ``allowed_formats``.
-        PayloadTooLarge: an image over ``max_image_pixels``.
-    """
-    out: list[DecodedImage] = []
-    for k, raw in enumerate(images):
-        where = f"image {positions[k] if positions is not None else k}"
-        try:
-            image = decode_image(
-                raw.data, max_pixels=limits.max_pixels, allowed_formats=limits.allowed_formats
-            )
-            fmt = (image.format or "").lower()
-            tensor = preprocess(image)
-        except NacguardError as exc:
-            raise type(exc)(f"{where}: {exc.message}") from None
-        except Exception as exc:  # a decoded image that preprocessing cannot handle
-            raise BadImage(f"{where}: cannot preprocess ({type(exc).__name__})") from None
-        content_type = f"image/{fmt}" if fmt else "application/octet-stream"
-        out.append(DecodedImage(tensor=tensor, content_type=content_type))
-    return out

@@ -1,10 +1,13 @@
-"""Building classifiers from a model reference and loading their weights safely.
+"""Model references: building classifiers from the small JSON-able dict a bundle stores, and
+loading their weights safely.
 
-A model reference is a small JSON-able dict stored in the bundle:
+* ``{"kind": "demo", "config": {"width": 32, "num_classes": 10}}``: the bundled demo net
+  (:mod:`nacguard.bundle.refs.demo`);
+* ``{"kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}}``: any
+  torchvision classification architecture by name (:mod:`nacguard.bundle.refs.torchvision`).
 
-* ``{"kind": "demo", "config": {"width": 32, "num_classes": 10}}`` — the bundled demo net;
-* ``{"kind": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}}`` — any
-  torchvision classification architecture by name (weights come from the bundle, never a hub).
+Each kind is one module with ``parse(name, options) -> ref``, ``build(ref) -> nn.Module`` and
+``display_name(ref) -> str``; a new kind is a new module and one entry in ``_KINDS``.
 
 Weights are read from safetensors; a ``.pt``/``.pth`` state dict is accepted when building a
 profile, and only through ``torch.load(weights_only=True)``, which does not unpickle code.
@@ -12,26 +15,24 @@ profile, and only through ``torch.load(weights_only=True)``, which does not unpi
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from nacguard.models.demo import build_demo_model
+from nacguard.bundle.refs import demo, torchvision
 
-__all__ = ["build_model", "load_state_dict", "parse_model_spec", "sha256_file"]
+__all__ = ["build_model", "kinds", "load_state_dict", "model_name", "parse_model_spec"]
+
+_KINDS: dict[str, ModuleType] = {"demo": demo, "torchvision": torchvision}
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def kinds() -> list[str]:
+    """The model reference kinds this build knows."""
+    return sorted(_KINDS)
 
 
 def parse_model_spec(spec: str, num_classes: int | None = None) -> dict[str, Any]:
@@ -56,13 +57,11 @@ def parse_model_spec(spec: str, num_classes: int | None = None) -> dict[str, Any
             raise ValueError(f"malformed model spec {spec!r}")
     if num_classes is not None:
         options["num_classes"] = num_classes
-    if kind == "demo":
-        return {"kind": "demo", "config": options}
-    if kind == "torchvision":
-        if not name:
-            raise ValueError("torchvision model spec needs a name, e.g. torchvision:resnet18")
-        return {"kind": "torchvision", "name": name, "kwargs": options}
-    raise ValueError(f"unknown model kind {kind!r}: use demo[:k=v] or torchvision:NAME[:k=v]")
+    module = _KINDS.get(kind)
+    if module is None:
+        raise ValueError(f"unknown model kind {kind!r}: use demo[:k=v] or torchvision:NAME[:k=v]")
+    ref: dict[str, Any] = module.parse(name, options)
+    return ref
 
 
 def build_model(ref: dict[str, Any]) -> nn.Module:
@@ -71,18 +70,19 @@ def build_model(ref: dict[str, Any]) -> nn.Module:
     Raises:
         ValueError: unknown kind or architecture.
     """
-    kind = ref.get("kind")
-    if kind == "demo":
-        return build_demo_model(ref.get("config", {}))
-    if kind == "torchvision":
-        import torchvision
+    module = _KINDS.get(str(ref.get("kind")))
+    if module is None:
+        raise ValueError(f"unknown model kind {ref.get('kind')!r}")
+    model: nn.Module = module.build(ref)
+    return model
 
-        name = ref["name"]
-        available = torchvision.models.list_models(module=torchvision.models)
-        if name not in available:
-            raise ValueError(f"unknown torchvision model {name!r}; choose from {available}")
-        return torchvision.models.get_model(name, weights=None, **ref.get("kwargs", {}))
-    raise ValueError(f"unknown model kind {kind!r}")
+
+def model_name(ref: dict[str, Any]) -> str:
+    """A short name of the architecture a reference names (for logs and metrics)."""
+    module = _KINDS.get(str(ref.get("kind")))
+    if module is None:
+        return str(ref.get("name") or ref.get("arch") or ref.get("kind", "model"))
+    return str(module.display_name(ref))
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

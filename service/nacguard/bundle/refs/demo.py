@@ -20,7 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DEMO_ARCHITECTURE", "FashionCNN", "build_demo_model", "demo_config"]
+__all__ = [
+    "DEMO_ARCHITECTURE",
+    "FashionCNN",
+    "build",
+    "build_demo_model",
+    "demo_config",
+    "display_name",
+    "parse",
+]
+
+KIND = "demo"
 
 #: The architecture name recorded in a bundle's model spec.
 DEMO_ARCHITECTURE = "fashion-cnn"
@@ -134,3 +144,19 @@ def build_demo_model(config: Mapping[str, Any]) -> FashionCNN:
             raise ValueError(f"{DEMO_ARCHITECTURE} config {key!r} must be an int, got {value!r}")
         values[key] = value
     return FashionCNN(**values).eval()
+
+
+def parse(name: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The reference for ``demo[:width=N]`` (the demo has one architecture: ``name`` is
+    ignored)."""
+    return {"kind": KIND, "config": options}
+
+
+def build(ref: dict[str, Any]) -> nn.Module:
+    """The untrained demo net of a ``{"kind": "demo", "config": {...}}`` reference."""
+    return build_demo_model(ref.get("config", {}))
+
+
+def display_name(ref: dict[str, Any]) -> str:
+    """A short architecture name for logs and metrics."""
+    return DEMO_ARCHITECTURE

@@ -1,41 +1,26 @@
-"""Profile bundles: a directory holding everything needed to serve a screened classifier.
-
-::
-
-    bundle.json         schema version, name, model reference, preprocessing, classes, NAC
-                        layer settings, calibration summary, provenance, sha256 of both files
-    model.safetensors   the classifier's weights
-    nac.safetensors     per layer ``<name>.edges`` (float32 [M]) and ``<name>.counts``
-                        (int64 [M-1, N]); ``calibration.scores`` (sorted held-out InD scores)
-
-Nothing is pickled. The weights' and tables' sha256 are checked on load.
+"""The runtime bundle: model on its device, preprocessing, profile and calibration.
 
 A loaded :class:`Bundle` lives on one device; load it once per device for several runners. The
 acceleration options (``channels_last``, ``compile``, ``batch_buckets``; see
-:mod:`nacguard.models.accel`) are all off by default, and off they change no number.
+:mod:`nacguard.accel`) are all off by default, and off they change no number. Process-wide torch
+flags (TF32, cuDNN benchmark) are not set here: the service sets them once at start-up
+(:func:`nacguard.accel.set_torch_flags`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-import nacguard
-from nacguard.errors import BundleError
-from nacguard.models.accel import (
+from nacguard.accel import (
     AcceleratedPaths,
     CompileConfig,
     HostStager,
@@ -44,114 +29,21 @@ from nacguard.models.accel import (
     normalize_buckets,
     plan_chunks,
 )
-from nacguard.models.demo import DEMO_ARCHITECTURE
-from nacguard.models.loading import build_model, sha256_file
-from nacguard.models.preprocess import PreprocessSpec
-from nacguard.nac import LayerConfig, LayerProfile, NacProfile, NacScorer, ScoreBatch
+from nacguard.bundle.refs import model_name
+from nacguard.bundle.types import Prediction, WarmupReport
+from nacguard.imaging.preprocess import PreprocessSpec
+from nacguard.nac import Calibration, LayerProfile, NacProfile, NacScorer, ScoreBatch
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Bundle",
-    "Calibration",
-    "Prediction",
-    "WarmupReport",
-    "load_bundle",
-    "save_bundle",
-]
+__all__ = ["PRECISIONS", "Bundle"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-BUNDLE_FILE = "bundle.json"
-MODEL_FILE = "model.safetensors"
-NAC_FILE = "nac.safetensors"
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The OOD threshold and the InD score distribution it was fitted on.
-
-    Attributes:
-        tpr: target share of InD inputs that pass (score >= threshold).
-        threshold: inputs scoring below it are flagged OOD.
-        scores: sorted held-out InD scores (never the images that were counted).
-        source: where the held-out images came from.
-    """
-
-    tpr: float
-    threshold: float
-    scores: np.ndarray
-    source: str = ""
-
-    @property
-    def expected_ood_rate(self) -> float:
-        """Share of InD inputs flagged OOD, as measured on the calibration scores."""
-        return float(np.mean(self.scores < self.threshold))
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able summary: threshold, TPR, sample count and score quantiles."""
-        qs = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
-        return {
-            "tpr": self.tpr,
-            "threshold": self.threshold,
-            "samples": int(self.scores.size),
-            "expected_ood_rate": self.expected_ood_rate,
-            "source": self.source,
-            "score_quantiles": {str(q): float(np.quantile(self.scores, q)) for q in qs},
-        }
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's answer: class, confidence, NAC score and OOD flag (plus baselines)."""
-
-    class_index: int
-    label: str
-    confidence: float
-    nac_score: float
-    ood: bool
-    threshold: float
-    msp: float
-    energy: float
-    probabilities: list[float] = field(repr=False)
-    classes: Sequence[str] = field(repr=False, compare=False)
-
-    def top_k(self, k: int) -> list[tuple[str, float]]:
-        """The k most probable classes, most probable first."""
-        p = self.probabilities
-        # The order of a stable argsort of -p (ties keep class order, NaN last), in plain Python:
-        # for a handful of classes numpy's array round trip costs more than the sort.
-        order = sorted(range(len(p)), key=lambda i: (p[i] != p[i], -p[i]))[:k]
-        return [(self.classes[i], float(p[i])) for i in order]
-
-    def to_dict(self, top_k: int = 0) -> dict[str, Any]:
-        """JSON-able form (the API's prediction object)."""
-        return {
-            "label": self.label,
-            "class_index": self.class_index,
-            "confidence": self.confidence,
-            "nac_score": self.nac_score,
-            "ood": self.ood,
-            "threshold": self.threshold,
-            "top_k": [{"label": lab, "confidence": c} for lab, c in self.top_k(top_k)],
-        }
-
-
-@dataclass(frozen=True)
-class WarmupReport:
-    """What :meth:`Bundle.warmup` ran.
-
-    Attributes:
-        sizes: batch sizes run (each bucket in use, smallest first).
-        seconds: wall time of the whole warm-up.
-        compiled: whether every compiled path still runs compiled afterwards (False also when
-            compilation is off).
-    """
-
-    sizes: tuple[int, ...]
-    seconds: float
-    compiled: bool
+#: precision name -> autocast dtype (None: plain fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 class Bundle:
@@ -166,10 +58,10 @@ class Bundle:
         channels_last: keep the model and its inputs in channels-last memory format (faster
             convolutions on tensor-core GPUs; also valid on CPU).
         compile: torch.compile the plain forward and the NAC paths (True, or a
-            :class:`~nacguard.models.accel.CompileConfig`); a failure falls back to eager.
+            :class:`~nacguard.accel.CompileConfig`); a failure falls back to eager.
         compile_mode: ``torch.compile`` mode when ``compile`` is True (``None``/"default", or
             e.g. "reduce-overhead" for CUDA graphs; see ``Settings.compile_mode``).
-        batch_buckets: pad batches to these sizes (see :mod:`nacguard.models.accel`).
+        batch_buckets: pad batches to these sizes (see :mod:`nacguard.accel.buckets`).
     """
 
     def __init__(
@@ -198,21 +90,11 @@ class Bundle:
         self.calibration = calibration
         self.device = device
         self.precision = precision
-        self.autocast_dtype = _DTYPES[precision]
+        self.autocast_dtype = PRECISIONS[precision]
         self.channels_last = channels_last
         self.batch_buckets = normalize_buckets(batch_buckets)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if device.type == "cuda" and self.autocast_dtype is None:
-            # fp32 means fp32: cuDNN's default TF32 convolutions keep 10 mantissa bits, which
-            # moves NAC states like fp16 would (process-wide flag; the matmul one is off by
-            # default). For speed, choose fp16 and its fp32 islands instead.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        if device.type == "cuda" and self.batch_buckets:
-            # Fixed shapes: let cuDNN time its algorithms once per bucket (process-wide flag;
-            # with free batch sizes it would re-time for every new size instead).
-            torch.backends.cudnn.benchmark = True
         self.scorer = NacScorer(
             self.model, profile, device=device, autocast_dtype=self.autocast_dtype
         )
@@ -249,10 +131,7 @@ class Bundle:
     @property
     def model_name(self) -> str:
         """A short name of the classifier architecture."""
-        ref = self.meta.get("model", {})
-        if ref.get("kind") == "demo":
-            return DEMO_ARCHITECTURE
-        return str(ref.get("name") or ref.get("arch") or ref.get("kind", "model"))
+        return model_name(self.meta.get("model", {}))
 
     @property
     def identity(self) -> str:
@@ -266,6 +145,11 @@ class Bundle:
     def threshold(self) -> float:
         """OOD threshold (NaN for an uncalibrated profile)."""
         return self.calibration.threshold if self.calibration else math.nan
+
+    def is_ood(self, score: float) -> bool:
+        """The OOD flag for a NAC score (:meth:`Calibration.is_ood`; never for an uncalibrated
+        profile)."""
+        return self.calibration is not None and self.calibration.is_ood(score)
 
     @property
     def layers(self) -> tuple[LayerProfile, ...]:
@@ -337,6 +221,7 @@ class Bundle:
         # costs microseconds each, a visible share of a small model's per-image time.
         rows = table.tolist()
         threshold = self.threshold
+        is_ood = self.is_ood
         classes = self.classes
         columns = range(n_classes)
         out = []
@@ -350,7 +235,7 @@ class Bundle:
                     label=classes[idx],
                     confidence=probs[idx],
                     nac_score=score,
-                    ood=bool(score < threshold),
+                    ood=is_ood(score),
                     threshold=threshold,
                     msp=row[n_classes + 1],
                     energy=row[n_classes + 2],
@@ -449,169 +334,3 @@ class Bundle:
             "schema_version": self.meta.get("schema_version"),
             "provenance": self.meta.get("provenance", {}),
         }
-
-
-def save_bundle(
-    out: Path,
-    *,
-    name: str,
-    model_ref: dict[str, Any],
-    model: nn.Module,
-    preprocess: PreprocessSpec,
-    classes: Sequence[str],
-    profile: NacProfile,
-    calibration: Calibration | None,
-    provenance: dict[str, Any] | None = None,
-) -> Path:
-    """Write a bundle directory (created if needed) and return its path."""
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if not _same_tensors(out / MODEL_FILE, state):
-        # Rewritten only when the weights changed, so rebuilding a profile in place keeps the
-        # weights file (and its sha256, part of the bundle identity) byte for byte.
-        save_file(state, str(out / MODEL_FILE))
-    tensors: dict[str, torch.Tensor] = {}
-    for lp in profile.layers:
-        tensors[f"{lp.name}.edges"] = lp.edges.cpu().float().contiguous()
-        tensors[f"{lp.name}.counts"] = lp.counts.cpu().to(torch.int64).contiguous()
-    if calibration is not None:
-        tensors["calibration.scores"] = torch.from_numpy(
-            np.sort(calibration.scores).astype(np.float32)
-        )
-    save_file(tensors, str(out / NAC_FILE))
-    meta = {
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "nacguard_version": nacguard.__version__,
-        "model": {**model_ref, "weights": MODEL_FILE, "sha256": sha256_file(out / MODEL_FILE)},
-        "preprocess": preprocess.to_dict(),
-        "classes": list(classes),
-        "nac": {
-            "file": NAC_FILE,
-            "sha256": sha256_file(out / NAC_FILE),
-            "samples": profile.samples,
-            "layers": [lp.config.to_dict() for lp in profile.layers],
-        },
-        "calibration": (
-            {k: v for k, v in calibration.summary().items() if k != "score_quantiles"}
-            if calibration
-            else None
-        ),
-        "provenance": provenance or {},
-    }
-    (out / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-def _same_tensors(file: Path, state: dict[str, torch.Tensor]) -> bool:
-    if not file.is_file():
-        return False
-    try:
-        existing = load_file(str(file))
-    except Exception:  # unreadable: overwrite it
-        return False
-    return existing.keys() == state.keys() and all(
-        existing[k].dtype == v.dtype and torch.equal(existing[k], v) for k, v in state.items()
-    )
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    file = path / BUNDLE_FILE
-    if not file.is_file():
-        raise BundleError(f"{path} is not a profile bundle (no {BUNDLE_FILE})")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{file}: invalid JSON ({exc})") from None
-    version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"{file}: schema version {version!r} is not supported (expected {SCHEMA_VERSION})"
-        )
-    return meta
-
-
-def _checked(path: Path, entry: dict[str, Any], key: str) -> Path:
-    file = path / entry[key]
-    if not file.is_file():
-        raise BundleError(f"bundle file missing: {file}")
-    expected = entry.get("sha256")
-    if expected and sha256_file(file) != expected:
-        raise BundleError(f"{file}: sha256 does not match bundle.json (corrupt or replaced)")
-    return file
-
-
-def load_bundle(
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    *,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    compile: bool | CompileConfig = False,
-    compile_mode: str | None = None,
-    batch_buckets: Iterable[int] = (),
-) -> Bundle:
-    """Load a profile bundle onto a device (call once per device; bundles share nothing).
-
-    Args:
-        path: the bundle directory.
-        device: torch device for the model and tables.
-        precision: "fp32", "bf16" or "fp16" autocast for the forward (states stay fp32).
-        channels_last: channels-last memory format for the model and its inputs.
-        compile: torch.compile the forward and NAC paths (falls back to eager on failure).
-        compile_mode: torch.compile mode: None/"default", "reduce-overhead" (CUDA graphs), ...
-        batch_buckets: pad batches up to these sizes (warm them with :meth:`Bundle.warmup`).
-
-    Raises:
-        BundleError: missing files, bad schema, failed sha256 check, or a model/profile mismatch.
-    """
-    path = Path(path)
-    meta = _read_meta(path)
-    batch_buckets = normalize_buckets(batch_buckets)  # a ValueError here is the caller's
-    if precision not in _DTYPES:
-        raise BundleError(f"unknown precision {precision!r}; use one of {sorted(_DTYPES)}")
-    try:
-        model = build_model(meta["model"])
-        weights = _checked(path, meta["model"], "weights")
-        model.load_state_dict(load_file(str(weights)), strict=True)
-        tables = load_file(str(_checked(path, meta["nac"], "file")))
-        layers = []
-        for cfg in meta["nac"]["layers"]:
-            config = LayerConfig(**cfg)
-            layers.append(
-                LayerProfile(
-                    config, tables[f"{config.name}.edges"], tables[f"{config.name}.counts"]
-                )
-            )
-        profile = NacProfile(tuple(layers), int(meta["nac"]["samples"]))
-        cal_meta = meta.get("calibration")
-        calibration = (
-            Calibration(
-                tpr=float(cal_meta["tpr"]),
-                threshold=float(cal_meta["threshold"]),
-                scores=tables["calibration.scores"].numpy().astype(np.float64),
-                source=str(cal_meta.get("source", "")),
-            )
-            if cal_meta
-            else None
-        )
-        return Bundle(
-            path=path,
-            meta=meta,
-            model=model,
-            preprocess=PreprocessSpec.from_dict(meta["preprocess"]),
-            classes=list(meta["classes"]),
-            profile=profile,
-            calibration=calibration,
-            device=torch.device(device),
-            precision=precision,
-            channels_last=channels_last,
-            compile=compile,
-            compile_mode=compile_mode,
-            batch_buckets=batch_buckets,
-        )
-    except BundleError:
-        raise
-    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise BundleError(f"{path}: incompatible or malformed bundle: {exc}") from exc

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from nacguard.datasets import ImageSource
-from nacguard.models.build import batches
-from nacguard.models.bundle import Bundle
-from nacguard.nac.evaluation import detection_metrics, roc_curve
+from nacguard.bundle import Bundle
+from nacguard.nac.detection import detection_metrics, roc_curve
+from nacguard.offline.build import batches
+from nacguard.offline.datasets import ImageSource
 
 __all__ = ["METHODS", "EvalResult", "evaluate", "score_source", "write_report"]
 

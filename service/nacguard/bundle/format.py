@@ -1,0 +1,225 @@
+"""The profile bundle on disk: a directory holding everything needed to serve a screened
+classifier.
+
+::
+
+    bundle.json         schema version, name, model reference, preprocessing, classes, NAC
+                        layer settings, calibration summary, provenance, sha256 of both files
+    model.safetensors   the classifier's weights
+    nac.safetensors     per layer ``<name>.edges`` (float32 [M]) and ``<name>.counts``
+                        (int64 [M-1, N]); ``calibration.scores`` (sorted held-out InD scores)
+
+Nothing is pickled. The weights' and tables' sha256 are checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import nacguard
+from nacguard.accel import CompileConfig, normalize_buckets
+from nacguard.bundle.refs import build_model
+from nacguard.bundle.runtime import PRECISIONS, Bundle
+from nacguard.errors import BundleError
+from nacguard.imaging.preprocess import PreprocessSpec
+from nacguard.nac import Calibration, LayerConfig, LayerProfile, NacProfile
+
+__all__ = [
+    "BUNDLE_FILE",
+    "MODEL_FILE",
+    "NAC_FILE",
+    "SCHEMA_VERSION",
+    "load_bundle",
+    "save_bundle",
+    "sha256_file",
+]
+
+SCHEMA_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+MODEL_FILE = "model.safetensors"
+NAC_FILE = "nac.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_bundle(
+    out: Path,
+    *,
+    name: str,
+    model_ref: dict[str, Any],
+    model: nn.Module,
+    preprocess: PreprocessSpec,
+    classes: Sequence[str],
+    profile: NacProfile,
+    calibration: Calibration | None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle directory (created if needed) and return its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if not _same_tensors(out / MODEL_FILE, state):
+        # Rewritten only when the weights changed, so rebuilding a profile in place keeps the
+        # weights file (and its sha256, part of the bundle identity) byte for byte.
+        save_file(state, str(out / MODEL_FILE))
+    tensors: dict[str, torch.Tensor] = {}
+    for lp in profile.layers:
+        tensors[f"{lp.name}.edges"] = lp.edges.cpu().float().contiguous()
+        tensors[f"{lp.name}.counts"] = lp.counts.cpu().to(torch.int64).contiguous()
+    if calibration is not None:
+        tensors["calibration.scores"] = torch.from_numpy(
+            np.sort(calibration.scores).astype(np.float32)
+        )
+    save_file(tensors, str(out / NAC_FILE))
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nacguard_version": nacguard.__version__,
+        "model": {**model_ref, "weights": MODEL_FILE, "sha256": sha256_file(out / MODEL_FILE)},
+        "preprocess": preprocess.to_dict(),
+        "classes": list(classes),
+        "nac": {
+            "file": NAC_FILE,
+            "sha256": sha256_file(out / NAC_FILE),
+            "samples": profile.samples,
+            "layers": [lp.config.to_dict() for lp in profile.layers],
+        },
+        "calibration": (
+            {k: v for k, v in calibration.summary().items() if k != "score_quantiles"}
+            if calibration
+            else None
+        ),
+        "provenance": provenance or {},
+    }
+    (out / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _same_tensors(file: Path, state: dict[str, torch.Tensor]) -> bool:
+    if not file.is_file():
+        return False
+    try:
+        existing = load_file(str(file))
+    except Exception:  # unreadable: overwrite it
+        return False
+    return existing.keys() == state.keys() and all(
+        existing[k].dtype == v.dtype and torch.equal(existing[k], v) for k, v in state.items()
+    )
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    file = path / BUNDLE_FILE
+    if not file.is_file():
+        raise BundleError(f"{path} is not a profile bundle (no {BUNDLE_FILE})")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{file}: invalid JSON ({exc})") from None
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{file}: schema version {version!r} is not supported (expected {SCHEMA_VERSION})"
+        )
+    return meta
+
+
+def _checked(path: Path, entry: dict[str, Any], key: str) -> Path:
+    file = path / entry[key]
+    if not file.is_file():
+        raise BundleError(f"bundle file missing: {file}")
+    expected = entry.get("sha256")
+    if expected and sha256_file(file) != expected:
+        raise BundleError(f"{file}: sha256 does not match bundle.json (corrupt or replaced)")
+    return file
+
+
+def load_bundle(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool | CompileConfig = False,
+    compile_mode: str | None = None,
+    batch_buckets: Iterable[int] = (),
+) -> Bundle:
+    """Load a profile bundle onto a device (call once per device; bundles share nothing).
+
+    Args:
+        path: the bundle directory.
+        device: torch device for the model and tables.
+        precision: "fp32", "bf16" or "fp16" autocast for the forward (states stay fp32).
+        channels_last: channels-last memory format for the model and its inputs.
+        compile: torch.compile the forward and NAC paths (falls back to eager on failure).
+        compile_mode: torch.compile mode: None/"default", "reduce-overhead" (CUDA graphs), ...
+        batch_buckets: pad batches up to these sizes (warm them with :meth:`Bundle.warmup`).
+
+    Raises:
+        BundleError: missing files, bad schema, failed sha256 check, or a model/profile mismatch.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    batch_buckets = normalize_buckets(batch_buckets)  # a ValueError here is the caller's
+    if precision not in PRECISIONS:
+        raise BundleError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
+    try:
+        model = build_model(meta["model"])
+        weights = _checked(path, meta["model"], "weights")
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        tables = load_file(str(_checked(path, meta["nac"], "file")))
+        layers = []
+        for cfg in meta["nac"]["layers"]:
+            config = LayerConfig(**cfg)
+            layers.append(
+                LayerProfile(
+                    config, tables[f"{config.name}.edges"], tables[f"{config.name}.counts"]
+                )
+            )
+        profile = NacProfile(tuple(layers), int(meta["nac"]["samples"]))
+        cal_meta = meta.get("calibration")
+        calibration = (
+            Calibration(
+                tpr=float(cal_meta["tpr"]),
+                threshold=float(cal_meta["threshold"]),
+                scores=tables["calibration.scores"].numpy().astype(np.float64),
+                source=str(cal_meta.get("source", "")),
+            )
+            if cal_meta
+            else None
+        )
+        return Bundle(
+            path=path,
+            meta=meta,
+            model=model,
+            preprocess=PreprocessSpec.from_dict(meta["preprocess"]),
+            classes=list(meta["classes"]),
+            profile=profile,
+            calibration=calibration,
+            device=torch.device(device),
+            precision=precision,
+            channels_last=channels_last,
+            compile=compile,
+            compile_mode=compile_mode,
+            batch_buckets=batch_buckets,
+        )
+    except BundleError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise BundleError(f"{path}: incompatible or malformed bundle: {exc}") from exc
