@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-from nacguard.datasets import FASHION_MNIST_CLASSES, load_source
-from nacguard.models.bundle import Calibration, save_bundle
-from nacguard.models.demo import FashionCNN, demo_config
-from nacguard.models.preprocess import PreprocessSpec
+from nacguard.bundle import Calibration, save_bundle
+from nacguard.bundle.refs.demo import FashionCNN, demo_config
+from nacguard.imaging.preprocess import PreprocessSpec
 from nacguard.nac import LayerConfig, NacScorer, ProfileBuilder, threshold_at_tpr
+from nacguard.offline.datasets import FASHION_MNIST_CLASSES, load_source
 from tests.e2e.server import ServerProcess, start_server
 from tests.fixtures.bundles import encoded_images
 

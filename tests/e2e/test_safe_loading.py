@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nacguard.models.loading import load_state_dict, sha256_file
+from nacguard.bundle import sha256_file
+from nacguard.bundle.refs import load_state_dict
 from tests.e2e.server import free_port
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from nacguard.models.bundle import load_bundle
+from nacguard.bundle import load_bundle
 from tests.e2e.server import ServerProcess, free_port, start_server
 from tests.fixtures.bundles import encoded_images
 

@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import io
 import re
 import shutil
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
 
-from nacguard.datasets import load_source
+from nacguard.offline.datasets import load_source
 from tests.e2e.server import ServerProcess, start_server
+from tests.fixtures import promql
 from tests.fixtures.redis_server import RedisServer
 
 pytestmark = [
@@ -82,23 +80,6 @@ DEVICE_MEMORY = (
 )
 
 _COMPARISON = re.compile(r"^(?P<lhs>.+?)\s*(?:==|!=|>=|<=|>|<)\s*[0-9.]+\s*$", re.S)
-
-
-def _load_promql() -> ModuleType:
-    """tests/unit/monitoring/monitoring_promql.py (that directory is not a package)."""
-    name = "monitoring_promql"
-    if name in sys.modules:  # already loaded by the unit tests in this session
-        return sys.modules[name]
-    path = REPO / "tests" / "unit" / "monitoring" / "monitoring_promql.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the body runs
-    spec.loader.exec_module(module)
-    return module
-
-
-promql = _load_promql()
 
 
 def _device() -> str:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.api import PNG, ApiFactory, multipart
 from tests.fixtures.bundles import encoded_images
 from tests.fixtures.redis_server import RedisServer
-from tests.unit.api.helpers import PNG, ApiFactory, multipart
 
 pytestmark = pytest.mark.redis
 

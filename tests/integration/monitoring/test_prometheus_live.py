@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from monitoring_promql import PrometheusServer, all_expressions
 
-from nacguard.monitoring import Metrics, drift_report
+from nacguard.monitoring import DriftReference, Metrics, drift_report
+from tests.fixtures.promql import PrometheusServer, all_expressions
 
 pytestmark = [
     pytest.mark.prometheus,
@@ -43,8 +43,7 @@ def exporter() -> Iterator[tuple[Metrics, str, np.ndarray]]:
     metrics = Metrics(
         model=MODEL,
         profile="p1",
-        reference_scores=calibration,
-        threshold=float(np.quantile(calibration, 0.05)),
+        drift_reference=DriftReference(calibration, float(np.quantile(calibration, 0.05))),
         expected_ood_rate=0.05,
         max_queue_images=100,
     )

@@ -20,8 +20,9 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from nacguard.offline.review_export import ReviewReader, export_review
 from nacguard.settings import Settings
-from nacguard.store import ReviewReader, ReviewRecord, Store, export_review, make_store
+from nacguard.store import ReviewRecord, Store, make_store
 from nacguard.store.base import DRIFT_BUCKET_S, cache_key, drift_bucket, drift_key
 from nacguard.store.link import RedisLink
 from nacguard.store.redis_backend import DRIFT_EXPIRY_MARGIN_S, RedisResultCache

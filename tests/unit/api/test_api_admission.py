@@ -11,8 +11,8 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator
 
+from tests.fixtures.api import PNG, ApiFactory, until
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.helpers import PNG, ApiFactory, until
 
 
 async def test_requests_in_progress_beyond_the_queue_bound_get_429(make_api: ApiFactory) -> None:

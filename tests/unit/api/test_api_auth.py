@@ -16,9 +16,9 @@ from nacguard.api import create_app
 from nacguard.api.auth import ApiKeys
 from nacguard.api.logs import JsonFormatter, RequestIdFilter, configure_logging
 from nacguard.settings import Settings
+from tests.fixtures.api import PNG, Api, ApiFactory, multipart
 from tests.fixtures.bundles import encoded_images
 from tests.fixtures.hostile import MARKER, marked_png
-from tests.unit.api.helpers import PNG, Api, ApiFactory, multipart
 
 KEY = "k-0123456789abcdef-first"
 OTHER = "k-0123456789abcdef-second"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nacguard.models.bundle import load_bundle
+from nacguard.bundle import load_bundle
+from tests.fixtures.api import PNG, ApiFactory, multipart, until
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.helpers import PNG, ApiFactory, multipart, until
 
 
 def _histogram(metrics: str, name: str) -> tuple[float, float]:

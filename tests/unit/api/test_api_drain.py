@@ -7,8 +7,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from tests.fixtures.api import PNG, Api, ApiFactory, until
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.helpers import PNG, Api, ApiFactory, until
 
 
 def _stalled_upload(data: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from nacguard.api.logs import JsonFormatter, RequestIdFilter, request_id_var
+from tests.fixtures.api import PNG, Api, ApiFactory, multipart
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.helpers import PNG, Api, ApiFactory, multipart
 
 
 async def test_healthz_and_readyz(api: Api) -> None:

@@ -13,8 +13,8 @@ import pytest
 
 from nacguard.api import create_app
 from nacguard.settings import Settings
+from tests.fixtures.api import PNG, Api, ApiFactory, client_for, multipart, until
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.helpers import PNG, Api, ApiFactory, client_for, multipart, until
 
 
 def _error(r: httpx.Response, status: int, code: str) -> str:

@@ -19,9 +19,9 @@ import httpx
 import torch
 from PIL import Image
 
-from nacguard.models.bundle import load_bundle
+from nacguard.bundle import load_bundle
+from tests.fixtures.api import PNG, Api, ApiFactory, multipart
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.helpers import PNG, Api, ApiFactory, multipart
 
 SECRET = "allocator-state-0xdeadbeef"  # must never reach a client
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nacguard.models.bundle import load_bundle
+from nacguard.bundle import load_bundle
+from tests.fixtures.api import PNG, Api, ApiFactory, multipart
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.helpers import PNG, Api, ApiFactory, multipart
 
 PREDICTION_KEYS = {"label", "class_index", "confidence", "nac_score", "ood", "threshold", "top_k"}
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nacguard.bundle import load_bundle
 from nacguard.errors import BundleError
-from nacguard.models.bundle import load_bundle
 from nacguard.nac import LayerConfig
-from tests.unit.models.demo_bundles import CLASSES, make_demo_bundle, random_images
+from tests.fixtures.demo_bundles import CLASSES, make_demo_bundle, random_images
 
 LAYERS = [LayerConfig("block3", 0.05, 5.0, 20), LayerConfig("avgpool", 20.0, 5.0, 20)]
 

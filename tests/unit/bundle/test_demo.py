@@ -12,8 +12,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from nacguard.datasets import class_balanced_indices, fashion_mnist_dir, load_fashion_mnist
-from nacguard.models.demo import DEMO_ARCHITECTURE, FashionCNN, build_demo_model, demo_config
+from nacguard.bundle.refs.demo import DEMO_ARCHITECTURE, FashionCNN, build_demo_model, demo_config
+from nacguard.offline.datasets import class_balanced_indices, fashion_mnist_dir, load_fashion_mnist
 
 PROFILE = Path(__file__).resolve().parents[3] / "profiles" / "fashion-mnist"
 WEIGHTS = PROFILE / "model.safetensors"

@@ -14,9 +14,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import kubernetes_validate
+import numpy as np
 import pytest
 import yaml
 
+from nacguard.monitoring import DriftReference, Metrics
 from nacguard.settings import Settings
 from tests.unit.deploy.manifests import (
     CRD_API_GROUPS,
@@ -257,16 +259,10 @@ def test_prometheus_adapter_rule_provides_the_hpa_metric(objs: list[Obj]) -> Non
 
 
 def test_the_server_exports_the_hpa_metric() -> None:
-    metrics_module = pytest.importorskip(
-        "nacguard.monitoring.metrics", reason="nacguard.monitoring.metrics is not written yet"
-    )
-    import numpy as np
-
-    metrics = metrics_module.Metrics(
+    metrics = Metrics(
         model="m",
         profile="p",
-        reference_scores=np.linspace(0.0, 1.0, 50),
-        threshold=0.1,
+        drift_reference=DriftReference(np.linspace(0.0, 1.0, 50), 0.1),
         expected_ood_rate=0.05,
     )
     metrics.set_in_flight(3)

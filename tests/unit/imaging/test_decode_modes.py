@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nacguard.api.inputs import InputLimits, RawImage, decode_images
 from nacguard.errors import BadImage, NacguardError, PayloadTooLarge, UnsupportedMediaType
-from nacguard.models.preprocess import PRESETS, decode_image, normalize_mode
+from nacguard.imaging.decode import InputLimits, RawImage, decode_images
+from nacguard.imaging.preprocess import PRESETS, decode_image, normalize_mode
 from tests.fixtures.hostile import (
     bmp_header_only,
     encode,

@@ -13,9 +13,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from nacguard.api.inputs import (
-    INLINE_DECODE_BYTES,
-    INLINE_DECODE_PIXELS,
+from nacguard.imaging.decode import (
+    INLINE_BYTES,
+    INLINE_PIXELS,
     RawImage,
     cheap_to_decode,
 )
@@ -37,7 +37,7 @@ def test_small_images_are_cheap() -> None:
 
 
 def test_pixel_bound_counts_the_whole_request() -> None:
-    side = int(INLINE_DECODE_PIXELS**0.5)
+    side = int(INLINE_PIXELS**0.5)
     assert cheap_to_decode([_png(side)])
     assert not cheap_to_decode([_png(side + 1)])
     assert not cheap_to_decode([_png(side), _png(2)])
@@ -52,7 +52,7 @@ def test_small_file_claiming_many_pixels_is_not_cheap() -> None:
 
 
 def test_byte_bound_and_unreadable_headers() -> None:
-    big = _raw(b"\x89PNG" + b"\0" * INLINE_DECODE_BYTES)
+    big = _raw(b"\x89PNG" + b"\0" * INLINE_BYTES)
     assert not cheap_to_decode([big])
     assert not cheap_to_decode([_raw(b"not an image")])
     assert not cheap_to_decode([_png(28), _raw(b"")])

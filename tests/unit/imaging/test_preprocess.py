@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from nacguard.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
-from nacguard.models.preprocess import PRESETS, PreprocessSpec, decode_image, normalize_mode
+from nacguard.imaging.preprocess import PRESETS, PreprocessSpec, decode_image, normalize_mode
 
 
 def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from monitoring_promql import (
+from tests.fixtures.promql import (
     DASHBOARD_FILE,
     REPO,
     RULES_FILE,
@@ -18,7 +18,24 @@ from monitoring_promql import (
     recording_rule_names,
 )
 
-from nacguard.monitoring import Metrics
+from nacguard.monitoring import DriftReference, Metrics
+
+
+def sample_names(metrics: Metrics) -> set[str]:
+    """Every sample name the registry can export, whether or not it has a value yet."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
+        "summary": ("", "_count", "_sum", "_created"),
+        "info": ("_info",),
+    }
+    names: set[str] = set()
+    for family in metrics.registry.collect():
+        for suffix in suffixes.get(family.type, ("",)):
+            names.add(family.name + suffix)
+        names.update(sample.name for sample in family.samples)
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +43,10 @@ def known_names() -> set[str]:
     metrics = Metrics(
         model="m",
         profile="p",
-        reference_scores=np.linspace(0.0, 1.0, 200),
-        threshold=0.05,
+        drift_reference=DriftReference(np.linspace(0.0, 1.0, 200), 0.05),
         expected_ood_rate=0.05,
     )
-    return metrics.sample_names() | recording_rule_names()
+    return sample_names(metrics) | recording_rule_names()
 
 
 def test_every_referenced_metric_exists(known_names: set[str]) -> None:

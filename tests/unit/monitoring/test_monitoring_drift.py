@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from nacguard.monitoring.drift import (
     PSI_EPSILON,
@@ -221,7 +222,6 @@ def test_binned_ks_is_close_to_the_exact_ks(
 
 
 def test_exact_ks_helper_agrees_with_scipy(calibration: np.ndarray) -> None:
-    stats = pytest.importorskip("scipy.stats")
     window = np.random.default_rng(4).beta(7.0, 3.0, size=300)
     assert exact_ks(calibration, window) == pytest.approx(
         stats.ks_2samp(calibration, window).statistic

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
@@ -67,8 +68,7 @@ def metrics(calibration: np.ndarray) -> Metrics:
     return Metrics(
         model="demo",
         profile="fmnist-v1",
-        reference_scores=calibration,
-        threshold=float(np.quantile(calibration, 0.05)),
+        drift_reference=DriftReference(calibration, float(np.quantile(calibration, 0.05))),
         expected_ood_rate=0.05,
         max_queue_images=1024,
         info={"version": "0.1.0", "device": "cpu"},
@@ -137,10 +137,8 @@ def test_metrics_accept_a_shared_drift_reference(calibration: np.ndarray) -> Non
     m = Metrics(
         model="m",
         profile="p",
-        reference_scores=calibration,
-        threshold=0.5,
-        expected_ood_rate=0.05,
         drift_reference=ref,
+        expected_ood_rate=0.05,
     )
     assert m.drift_reference is ref
     # The buckets exist at 0 before the first score: rate() reads 0, not no-data.
@@ -162,8 +160,7 @@ def test_invalid_info_label_is_refused(calibration: np.ndarray) -> None:
         Metrics(
             model="m",
             profile="p",
-            reference_scores=calibration,
-            threshold=0.5,
+            drift_reference=DriftReference(calibration, 0.5),
             expected_ood_rate=0.05,
             info={"bad-name": "x"},
         )
@@ -188,8 +185,7 @@ def test_class_series_are_capped(calibration: np.ndarray) -> None:
         return Metrics(
             model="m",
             profile="p",
-            reference_scores=calibration,
-            threshold=0.5,
+            drift_reference=DriftReference(calibration, 0.5),
             expected_ood_rate=0.05,
             **kw,  # type: ignore[arg-type]
         )
@@ -292,7 +288,6 @@ def test_drift_gauges(metrics: Metrics) -> None:
 
 def test_process_and_device_memory(metrics: Metrics) -> None:
     assert value(metrics, "nacguard_process_resident_memory_bytes") > 1e6
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_initialized():
         # A scrape never initialises CUDA: no device series until the model put tensors there.
         assert samples(metrics, "nacguard_device_memory_allocated_bytes") == []
@@ -300,7 +295,6 @@ def test_process_and_device_memory(metrics: Metrics) -> None:
 
 @pytest.mark.gpu
 def test_device_memory_on_cuda(metrics: Metrics) -> None:
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     held = torch.empty(16 * 1024 * 1024, dtype=torch.uint8, device="cuda")
@@ -317,8 +311,7 @@ def test_registries_are_independent(calibration: np.ndarray) -> None:
         Metrics(
             model=name,
             profile="p",
-            reference_scores=calibration,
-            threshold=0.5,
+            drift_reference=DriftReference(calibration, 0.5),
             expected_ood_rate=0.05,
         )
         for name in ("a", "b")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from monitoring_promql import (
+from tests.fixtures.promql import (
     PROMETHEUS_CONFIG,
     RULE_TESTS,
     RULES_FILE,

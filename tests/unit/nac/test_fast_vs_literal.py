@@ -14,7 +14,7 @@ from nacguard.nac import (
     nac_edges,
     uniform_edges,
 )
-from nacguard.nac.reference import reference_scores
+from nacguard.offline.reference import reference_scores
 from tests.unit.nac.literal import (
     literal_counts,
     literal_edges,

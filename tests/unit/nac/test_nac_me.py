@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nacguard.models.demo import FashionCNN
+from nacguard.bundle.refs.demo import FashionCNN
 from nacguard.nac import LayerConfig, ProfileBuilder, nac_me
 from tests.unit.nac.literal import literal_states
 from tests.unit.nac.nets import tiny_net

@@ -1,4 +1,4 @@
-"""Tests of nacguard.datasets: idx parsing, Fashion-MNIST, folders, synthetic data, subsets."""
+"""Tests of nacguard.offline.datasets: idx parsing, Fashion-MNIST, folders, synthetic data, subsets."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from nacguard import datasets
-from nacguard.datasets import (
+from nacguard.offline import synthetic
+from nacguard.offline.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR_ENV,
     SYNTHETIC_KINDS,
@@ -118,7 +118,7 @@ def test_read_idx_rejects_wrong_ndim(tmp_path: Path) -> None:
 def test_load_fashion_mnist_from_env_dir(
     fake_fmnist: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="nacguard.datasets"):
+    with caplog.at_level(logging.WARNING, logger="nacguard.offline.datasets"):
         images, labels = load_fashion_mnist("train")
     np.testing.assert_array_equal(images, fake_fmnist["train_images"])
     assert labels.dtype == np.int64
@@ -287,7 +287,7 @@ GENERATED = [k for k in SYNTHETIC_KINDS if not k.startswith("fmnist-")]
 def test_required_kinds_exist() -> None:
     assert {"gaussian", "uniform", "shapes", "checkerboard", "stripes", "blobs"} <= set(GENERATED)
     for kind in SYNTHETIC_KINDS:
-        assert f"``{kind}``" in (datasets.__doc__ or ""), f"{kind} is not documented"
+        assert f"``{kind}``" in (synthetic.__doc__ or ""), f"{kind} is not documented"
 
 
 @pytest.mark.parametrize("kind", GENERATED)

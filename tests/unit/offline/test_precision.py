@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nacguard.datasets import load_fashion_mnist, synthetic_images
-from nacguard.models.accel import FidelityReport, compare_precision
-from nacguard.models.demo import FashionCNN
+from nacguard.bundle.refs.demo import FashionCNN
 from nacguard.nac import LayerConfig, NacProfile, NacScorer, ProfileBuilder, StateExtractor
 from nacguard.nac import states as states_module
+from nacguard.offline.datasets import load_fashion_mnist, synthetic_images
+from nacguard.offline.precision import FidelityReport, compare_precision
 from tests.unit.nac.nets import tiny_net
 
 DEMO_BUNDLE = Path(__file__).resolve().parents[3] / "profiles" / "fashion-mnist"
@@ -342,8 +342,8 @@ def test_resnet_scores_stay_faithful(
 def test_demo_bundle_scores_stay_faithful(
     one_thread: None, dtype: torch.dtype, record_property: object
 ) -> None:
-    from nacguard.datasets import load_source
-    from nacguard.models.bundle import load_bundle
+    from nacguard.bundle import load_bundle
+    from nacguard.offline.datasets import load_source
 
     bundle = load_bundle(DEMO_BUNDLE)
     spec = bundle.preprocess

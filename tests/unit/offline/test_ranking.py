@@ -16,23 +16,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from scipy import stats
 
+from nacguard.bundle.refs.demo import FashionCNN
 from nacguard.cli import main
-from nacguard.datasets import load_source
-from nacguard.models.demo import FashionCNN
-from nacguard.models.model_eval import (
+from nacguard.imaging.preprocess import PRESETS
+from nacguard.nac import LayerConfig
+from nacguard.offline.datasets import load_source
+from nacguard.offline.ranking import (
     DEFAULT_LAYER,
     evaluate_checkpoints,
     load_checkpoint,
     parse_checkpoint,
     spearman,
 )
-from nacguard.models.preprocess import PRESETS
-from nacguard.nac import LayerConfig
 from tests.unit.nac.literal import literal_states
 from tests.unit.nac.test_nac_me import literal_nac_me
-
-stats = pytest.importorskip("scipy.stats")
 
 SPEC = "demo:width=4:num_classes=3"
 LAYERS = ["avgpool:4:10:20", "block3:3:8:0.05"]
