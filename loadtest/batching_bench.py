@@ -186,7 +186,7 @@ def sample_payloads(count: int, *, size: int = 28, images_per_request: int = 1) 
     Fashion-MNIST test images when the dataset is installed (the demo's real inputs), synthetic
     blobs otherwise.
     """
-    from nacguard.datasets import load_source  # numpy + Pillow only; no torch in the client
+    from nacguard.offline.datasets import load_source  # numpy + Pillow only; no torch in the client
 
     n = count * images_per_request
     try:

@@ -245,8 +245,8 @@ def nac_in_process(
     """
     import torch
 
-    from nacguard.models.bundle import load_bundle
-    from nacguard.nac.reference import reference_scores
+    from nacguard.bundle import load_bundle
+    from nacguard.offline.reference import reference_scores
     from nacguard.settings import DEMO_PROFILE
 
     previous_threads = torch.get_num_threads()

@@ -9,14 +9,14 @@ on them), bf16 autocast, channels_last, batch 256:
 * NAC on layer1..layer3 + avgpool with the published ImageNet settings (O / M / beta: layer1
   5000/1000/1, layer2 50/500/0.01, layer3 500/50/300, avgpool 10/50/3000): one
   activation-only gradient call eagerly, the "probe" split when compiled;
-* the reference-style computation (:func:`nacguard.nac.reference.reference_scores`: parameter
+* the reference-style computation (:func:`nacguard.offline.reference.reference_scores`: parameter
   gradients on, one ``autograd.grad`` per layer, B x (M-1) x N comparison tensors);
 * batched GPU JPEG decoding (nvjpeg, 256 images of 500x375) against one CPU thread of Pillow,
   and the on-device resize/crop/normalise that follows it;
 * score fidelity of bf16 and fp16 against fp32 on the same inputs (random weights and inputs:
   a pessimistic case, see docs/gpu.md);
 * end-to-end server throughput: ``nacguard serve`` on a ResNet-50 bundle built on the fly (in a
-  temporary directory, with :func:`nacguard.models.bundle.save_bundle`), driven with 224x224
+  temporary directory, with :func:`nacguard.bundle.save_bundle`), driven with 224x224
   JPEG uploads (raw ``image/jpeg`` bodies) at high concurrency by several load-generator
   processes.
 
@@ -58,17 +58,13 @@ import torch
 import torchvision
 from PIL import Image
 
-from nacguard.models.accel import (
-    CompileConfig,
-    accelerate,
-    compare_precision,
-    decode_jpeg_batch,
-    preprocess_tensors,
-)
-from nacguard.models.bundle import Calibration, save_bundle
-from nacguard.models.preprocess import PreprocessSpec, decode_image
+from nacguard.accel import CompileConfig, accelerate
+from nacguard.bundle import Calibration, save_bundle
+from nacguard.imaging.gpu_jpeg import decode_jpeg_batch, preprocess_tensors
+from nacguard.imaging.preprocess import PreprocessSpec, decode_image
 from nacguard.nac import LayerConfig, NacProfile, NacScorer, ProfileBuilder, threshold_at_tpr
-from nacguard.nac.reference import reference_scores
+from nacguard.offline.precision import compare_precision
+from nacguard.offline.reference import reference_scores
 
 log = logging.getLogger("nacguard.gpu_bench")
 

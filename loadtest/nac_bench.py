@@ -27,7 +27,7 @@ import torch
 import torchvision
 
 from nacguard.nac import LayerConfig, NacScorer, ProfileBuilder
-from nacguard.nac.reference import reference_scores
+from nacguard.offline.reference import reference_scores
 
 # The published ResNet-50 / ImageNet settings (O / M / beta), see the method notes.
 LAYERS_4 = [

@@ -1,7 +1,7 @@
 """Request bodies for load tests: a mix of in-distribution and OOD images, in every encoding.
 
 Shared by ``bench.py`` and ``locustfile.py`` so both send the same kind of traffic. Only numpy
-and Pillow are needed (``nacguard.datasets`` does not import torch), so a load generator stays
+and Pillow are needed (``nacguard.offline.datasets`` does not import torch), so a load generator stays
 light.
 
 * In-distribution images are Fashion-MNIST *test* images (the demo model's real inputs; the
@@ -84,7 +84,7 @@ def image_pool(
     Returns:
         ``(ind, ood)`` lists of PNG bytes.
     """
-    from nacguard.datasets import load_source
+    from nacguard.offline.datasets import load_source
 
     ind: list[bytes] = []
     if n_ind:

@@ -39,14 +39,14 @@ import shifts  # noqa: E402
 import train  # noqa: E402
 
 from nacguard.cli import main as nacguard_main  # noqa: E402
-from nacguard.datasets import load_fashion_mnist, load_source  # noqa: E402
-from nacguard.models.model_eval import (  # noqa: E402
+from nacguard.imaging.preprocess import PreprocessSpec  # noqa: E402
+from nacguard.nac import LayerConfig  # noqa: E402
+from nacguard.offline.datasets import load_fashion_mnist, load_source  # noqa: E402
+from nacguard.offline.ranking import (  # noqa: E402
     evaluate_checkpoints,
     parse_checkpoint,
     spearman,
 )
-from nacguard.models.preprocess import PreprocessSpec  # noqa: E402
-from nacguard.nac import LayerConfig  # noqa: E402
 
 log = logging.getLogger("nac_me.run")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from nacguard.datasets import FASHION_MNIST_CLASSES
+from nacguard.offline.datasets import FASHION_MNIST_CLASSES
 
 __all__ = ["SHIFTS", "class_folder_names", "make_shift", "write_folder"]
 

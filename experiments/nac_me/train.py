@@ -33,13 +33,13 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from nacguard.datasets import (
+from nacguard.bundle.refs.demo import FashionCNN
+from nacguard.imaging.preprocess import PRESETS
+from nacguard.offline.datasets import (
     class_balanced_indices,
     fashion_mnist_holdout_split,
     load_fashion_mnist,
 )
-from nacguard.models.demo import FashionCNN
-from nacguard.models.preprocess import PRESETS
 
 __all__ = ["RUNS", "Run", "train_all", "train_run"]
 

@@ -34,8 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nacguard.datasets import FASHION_MNIST_HOLDOUT, fashion_mnist_holdout_split, load_fashion_mnist
-from nacguard.models.demo import DEMO_ARCHITECTURE, FashionCNN, demo_config
+from nacguard.bundle.refs.demo import DEMO_ARCHITECTURE, FashionCNN, demo_config
+from nacguard.offline.datasets import (
+    FASHION_MNIST_HOLDOUT,
+    fashion_mnist_holdout_split,
+    load_fashion_mnist,
+)
 
 logger = logging.getLogger("nacguard.train_demo")
 

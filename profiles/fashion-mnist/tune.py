@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from nacguard.datasets import load_source
-from nacguard.models.build import batches
-from nacguard.models.loading import build_model, load_state_dict, parse_model_spec
-from nacguard.models.preprocess import PRESETS
+from nacguard.bundle.refs import build_model, load_state_dict, parse_model_spec
+from nacguard.imaging.preprocess import PRESETS
 from nacguard.nac.coverage import count_states, coverage_table, layer_scores, padded_table
+from nacguard.nac.detection import auroc
 from nacguard.nac.edges import nac_edges
-from nacguard.nac.evaluation import auroc
 from nacguard.nac.states import resolve_modules, uniform_loss
+from nacguard.offline.build import batches
+from nacguard.offline.datasets import load_source
 
 HERE = Path(__file__).resolve().parent
 LAYERS = ["block1", "block2", "block3", "avgpool"]
