@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.batching_bench import start_server as launch_server
+import httpx
 
 __all__ = ["ServerProcess", "free_port", "start_server"]
 
@@ -41,28 +45,28 @@ class ServerProcess:
         """Wait for the process to exit and return its status."""
         return self.process.wait(timeout)
 
-    def stop(self) -> None:
-        """Terminate (then kill) the process if it still runs."""
+    def stop(self) -> int:
+        """Terminate (graceful drain, then kill) the process if it still runs; its exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                return self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait(10)
+        return self.process.wait(10)
 
 
 def start_server(
-    profile: Path, log_path: Path, *, ready_within: float = 60.0, **settings: object
+    profile: Path | None, log_path: Path, *, ready_within: float = 60.0, **settings: object
 ) -> ServerProcess:
     """Start ``nacguard serve`` for ``profile`` with ``NACGUARD_*`` settings; wait until ready.
 
-    The launch itself is the benchmark's (``loadtest.batching_bench.start_server``: inherited
-    ``NACGUARD_*`` variables dropped, a free loopback port, ``/readyz`` polled); tests add one
-    torch thread per server, so several servers and the test process share two cores.
+    Inherited ``NACGUARD_*`` variables are dropped (a run is defined by its arguments), the
+    server binds a free loopback port, and ``/readyz`` is polled; one torch thread per server
+    unless told otherwise, so several servers and the test process share two cores.
 
     Args:
-        profile: the bundle to serve.
+        profile: the bundle to serve (``None``: the server's default, the demo).
         log_path: where the server's output goes.
         ready_within: seconds to wait for ``/readyz`` to answer 200.
         settings: Settings fields, passed as ``NACGUARD_<NAME>`` environment variables.
@@ -70,7 +74,31 @@ def start_server(
     Raises:
         RuntimeError: the process exited, or was not ready in time (its log is in the message).
     """
-    running = launch_server(
-        profile, {"torch_threads": 1, **settings}, log_path=log_path, ready_within=ready_within
-    )
-    return ServerProcess(process=running.process, url=running.url, log_path=log_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NACGUARD_")}
+    env.update(NACGUARD_HOST="127.0.0.1", NACGUARD_PORT=str(port))
+    if profile is not None:
+        env["NACGUARD_PROFILE"] = str(profile)
+    for name, value in {"torch_threads": 1, **settings}.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"NACGUARD_{name.upper()}"] = text
+    exe = shutil.which("nacguard")
+    command = [exe, "serve"] if exe else [sys.executable, "-m", "nacguard.cli", "serve"]
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+    deadline = time.monotonic() + ready_within
+    with httpx.Client(base_url=server.url, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {process.returncode}:\n{server.logs()[-4000:]}"
+                )
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)  # polling a process we do not control: there is no event to wait on
+    server.stop()
+    raise RuntimeError(f"server not ready within {ready_within}s:\n{server.logs()[-4000:]}")

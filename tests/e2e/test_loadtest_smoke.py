@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loadtest.batching_bench import BENCH_DEFAULTS, start_server
 from PIL import Image
+
+from tests.e2e.server import start_server
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +118,10 @@ def test_locust_headless_against_a_real_server(tmp_path: Path) -> None:
     # gevent, and pytest then never exits (its main thread ends up parked in gevent's hub).
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed")
-    server = start_server(None, dict(BENCH_DEFAULTS), log_path=tmp_path / "server.log")
+    # The demo profile, as the benchmark serves it: no result cache, quiet logs.
+    server = start_server(
+        None, tmp_path / "server.log", cache_enabled=False, log_level="warning", torch_threads=0
+    )
     try:
         proc = subprocess.run(
             [
