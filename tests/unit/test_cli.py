@@ -79,6 +79,27 @@ def test_build_inspect_eval_score(
     assert rows[0]["label"] in {"bright", "dark", "mid"} and "nac_score" in rows[0]
 
 
+def test_eval_with_repeated_ood_flags_evaluates_every_set(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--ood a=X --ood b=Y c=Z`` evaluates a, b and c (a repeated flag adds, never replaces)."""
+    js = tmp_path / "m.json"
+    rc = main(["profile", "eval", "--profile", str(tiny_bundle), "--ind", "synthetic:blobs?n=24",
+               "--ood", "noise=synthetic:gaussian?n=24",
+               "--ood", "shapes=synthetic:shapes?n=24", "stripes=synthetic:stripes?n=24",
+               "--json", str(js)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    for method in json.loads(js.read_text())["methods"].values():
+        assert set(method) == {"noise", "shapes", "stripes", "mean"}
+    table = capsys.readouterr().out
+    assert "noise" in table and "shapes" in table and "stripes" in table
+    # The same name twice is an error, not a silent overwrite.
+    rc = main(["profile", "eval", "--profile", str(tiny_bundle), "--ind", "synthetic:blobs?n=8",
+               "--ood", "a=synthetic:gaussian?n=8", "--ood", "a=synthetic:shapes?n=8"])  # fmt: skip
+    assert rc == 2
+    assert "given twice" in capsys.readouterr().err
+
+
 def test_clear_errors(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["profile", "build", "--model", MODEL, "--data", str(data), "--out",
                str(tmp_path / "x"), "--layers", "nope:5:20:1"])  # fmt: skip

@@ -1,0 +1,112 @@
+"""The serving core on its own, without HTTP: what another protocol adapter relies on.
+
+A real tiny bundle, a real batcher and runner; the calls an adapter makes: ``launch``,
+``wait_ready``, ``admit``, ``predict``, ``drift``, ``begin_drain`` / ``drain``, ``close``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nacguard.errors import BadImage, NotReady, Overloaded, ShuttingDown
+from nacguard.imaging import RawImage
+from nacguard.serving import Service
+from nacguard.settings import Settings
+from tests.fixtures.bundles import encoded_images
+
+
+def _raw(data: bytes) -> RawImage:
+    return RawImage(data=data, sha256=hashlib.sha256(data).hexdigest())
+
+
+@pytest.fixture
+async def service(tiny_bundle: Path) -> AsyncIterator[Service]:
+    core = Service(Settings(profile=tiny_bundle, max_batch_size=4, max_queue_images=3))
+    with pytest.raises(NotReady):
+        core.admit()  # not launched: not ready
+    core.launch()
+    await core.wait_ready(30)
+    try:
+        yield core
+    finally:
+        await core.close()
+
+
+async def test_predict_without_http(service: Service) -> None:
+    images = [_raw(d) for d in encoded_images(3, seed=5)]
+    admission = service.admit()
+    try:
+        outcome = await service.predict(
+            images, deadline=time.monotonic() + 10, request_id="r-1", admission=admission
+        )
+    finally:
+        admission.close()
+    bundle = service.bundle
+    assert bundle is not None
+    assert len(outcome.predictions) == 3
+    for p in outcome.predictions:
+        assert p.label in bundle.classes
+        assert p.ood == bundle.is_ood(p.nac_score) == (p.nac_score < bundle.threshold)
+    assert sum(b.size for b in outcome.batches) == 3
+    assert outcome.cache_hits == 0
+    if outcome.after_response is not None:
+        await outcome.after_response()
+    # The same images again: answered from the result cache, flagged the same way.
+    admission = service.admit()
+    try:
+        again = await service.predict(
+            images, deadline=time.monotonic() + 10, request_id="r-2", admission=admission
+        )
+    finally:
+        admission.close()
+    assert again.cache_hits == 3 and again.batches == []
+    assert [p.ood for p in again.predictions] == [p.ood for p in outcome.predictions]
+    assert service.requests_in_progress == 0
+    report = await service.drift()
+    assert report.samples == 3  # computed images only: cache hits are not counted twice
+
+
+async def test_a_bad_image_fails_its_request_before_queueing(service: Service) -> None:
+    admission = service.admit()
+    try:
+        with pytest.raises(BadImage, match="image 1"):
+            await service.predict(
+                [_raw(encoded_images(1, seed=6)[0]), _raw(b"not an image")],
+                deadline=time.monotonic() + 10,
+                request_id="r-3",
+                admission=admission,
+            )
+    finally:
+        admission.close()
+    assert service.batcher is not None and service.batcher.queue_depth == 0
+
+
+async def test_admission_is_bounded_and_released(service: Service) -> None:
+    first, second, third = service.admit(), service.admit(), service.admit()  # the bound: 3
+    with pytest.raises(Overloaded) as refused:
+        service.admit()
+    assert refused.value.retry_after == service.settings.retry_after_s
+    with pytest.raises(Overloaded):
+        service.check_capacity()  # the bound adapters may check before parsing
+    first.close()
+    first.close()  # idempotent: releases once
+    assert service.requests_in_progress == 2
+    fourth = service.admit()
+    for admission in (second, third, fourth):
+        admission.close()
+    assert service.requests_in_progress == 0
+
+
+async def test_drain_refuses_new_work_and_reports_clean(service: Service) -> None:
+    assert service.ready
+    assert await service.drain(5.0)
+    assert not service.ready and service.draining
+    with pytest.raises(ShuttingDown):
+        service.admit()
+    with pytest.raises(ShuttingDown):
+        service.check_ready()
