@@ -86,3 +86,19 @@ def test_modules_stay_small() -> None:
     assert max(sizes.values()) <= 500, {k: v for k, v in sizes.items() if v > 500}
     over = {k: v for k, v in sizes.items() if v > 400}
     assert set(over) <= set(OVER_400), f"over 400 lines: {over}"
+
+
+def test_tests_never_import_the_load_tools() -> None:
+    """Benchmarks are run as scripts (subprocesses), never imported by a test."""
+    tests = Path(__file__).resolve().parents[1]
+    offenders = {
+        str(p.relative_to(tests))
+        for p in tests.rglob("*.py")
+        for node in ast.walk(ast.parse(p.read_text(), str(p)))
+        if (
+            isinstance(node, ast.Import)
+            and any(a.name.split(".")[0] == "loadtest" for a in node.names)
+        )
+        or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "loadtest")
+    }
+    assert not offenders, sorted(offenders)
