@@ -36,7 +36,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from nacguard.api.ui import CONTENT_SECURITY_POLICY
-from nacguard.datasets import load_source
+from nacguard.offline.datasets import load_source
 from nacguard.settings import DEMO_PROFILE
 from tests.e2e.server import ServerProcess, start_server
 from tests.fixtures.redis_server import RedisServer

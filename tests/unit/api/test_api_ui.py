@@ -13,8 +13,8 @@ from pathlib import Path
 from PIL import Image
 
 from nacguard.api.ui import CONTENT_SECURITY_POLICY, PUBLIC_PATHS
+from tests.fixtures.api import Api, ApiFactory, multipart
 from tests.fixtures.bundles import encoded_images
-from tests.unit.api.helpers import Api, ApiFactory, multipart
 
 KEY = "ui-test-key-0123456789"
 
