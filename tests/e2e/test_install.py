@@ -49,7 +49,12 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in DEMO_FILES:
         shutil.copy(ROOT / "profiles" / "fashion-mnist" / name, src / "profiles" / "fashion-mnist")
     env = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env)], check=True)
+    # Without a pip of its own: the venv runs the installed pip and setuptools (a venv's bundled
+    # setuptools may predate bdist_wheel, and nothing may be downloaded).
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)],
+        check=True,
+    )
     pip = [str(env / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     done = subprocess.run(
         [*pip, "--no-deps", "--no-index", "--no-build-isolation", str(src)],
