@@ -134,6 +134,10 @@ class AdaptiveWait:
         self._gap_cap = 4 * max_wait_s
         self._last_arrival = -math.inf
         self._gap = math.inf  # EWMA of the gap between submits
+        # Per queue length n: EWMA of "a mate arrived within the break-even window" at decision
+        # points with n images queued; and the decision awaiting its outcome: (n, when, window).
+        self._hits: dict[int, float] = {}
+        self._open: tuple[int, float, float] | None = None
         # EWMAs of b, c, b*b and b*c over recent batches (b: size, c: compute seconds).
         self._moments: tuple[float, float, float, float] | None = None
 
@@ -147,6 +151,11 @@ class AdaptiveWait:
         """Expected seconds between submits (``inf`` until two have been seen)."""
         return self._gap
 
+    def hit_rate(self, queued: int) -> float:
+        """Share of recent decision points with ``queued`` images at which a mate arrived
+        within the window (0 where none was seen)."""
+        return self._hits.get(queued, 0.0)
+
     @property
     def batch_overhead_s(self) -> float:
         """Estimated fixed cost of a batch, ``a`` (0 until a batch was computed)."""
@@ -155,6 +164,9 @@ class AdaptiveWait:
     def on_submit(self, images: int) -> None:
         """Record an arrival at the clock's current time (one submit is one arrival)."""
         now = self._clock()
+        if self._open is not None:
+            _, decided, window = self._open
+            self._outcome(now - decided <= window)
         gap = min(now - self._last_arrival, self._gap_cap)  # the first arrival: the cap
         self._last_arrival = now
         if math.isinf(self._gap):
@@ -164,6 +176,10 @@ class AdaptiveWait:
 
     def on_batch(self, size: int, compute_s: float) -> None:
         """Record a computed batch (sizes and times of failed batches are as good as any)."""
+        if self._open is not None:
+            # An arrival from now on may be the answer's own doing (a client sending its next
+            # request): in a closed loop it could never have joined the batch, so it is no mate.
+            self._outcome(False)
         if size < 1 or not math.isfinite(compute_s) or compute_s < 0:
             return
         b, c = float(size), compute_s
@@ -178,18 +194,31 @@ class AdaptiveWait:
 
     def wait_s(self, queued: int, waited_s: float) -> float:
         """Seconds to wait from now (0: run now); see the module docstring for the rule."""
+        now = self._clock()
+        if self._open is not None and now - self._open[1] > self._open[2]:
+            self._outcome(False)  # the window closed without an arrival
         left = self._max_wait_s - waited_s
         if left <= 0 or queued < 1:
             return 0.0
         overhead, _ = self._fit()
         if overhead <= 0:
             return 0.0
-        since_last = self._clock() - self._last_arrival
-        gap = max(self._gap, since_last)
         break_even = 2 * overhead / (queued + 1)
-        if not gap < break_even:
+        # Every decision point is a trial, whether or not the policy waits this time: did a
+        # mate arrive within the window? Judging the trials it declined too is what lets the
+        # policy start waiting when the load changes.
+        self._open = (queued, now, break_even)
+        gap = max(self._gap, now - self._last_arrival)
+        if not (gap < break_even and self._hits.get(queued, 0.0) >= 0.5):
             return 0.0
         return min(left, break_even)
+
+    def _outcome(self, hit: bool) -> None:
+        assert self._open is not None
+        queued = self._open[0]
+        self._open = None
+        old = self._hits.get(queued, 0.0)
+        self._hits[queued] = old + self._alpha * (float(hit) - old)
 
     def _fit(self) -> tuple[float, float]:
         """``(a, k)`` of the batch cost line ``c(b) = a + k*b``; ``(0, 0)`` before any batch."""
