@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import nacguard
-from nacguard.engine import Batcher, Runner
+from nacguard.engine import AdaptiveWait, Batcher, FixedWait, Runner
 from nacguard.errors import BundleError, InferenceFailed, NotReady, Overloaded, ShuttingDown
 from nacguard.models.bundle import Bundle, Prediction, load_bundle
 from nacguard.models.preprocess import PreprocessSpec
@@ -302,10 +302,11 @@ class Service:
         for runner in self._runners:
             # The first batch a runner computes warms its bundle up on the runner's own thread.
             await runner.run([dummy])
+        wait = AdaptiveWait if s.batch_wait == "adaptive" else FixedWait
         self.batcher = Batcher(
             self._runners,
             max_batch_size=s.max_batch_size,
-            max_wait_s=s.max_wait_ms / 1000.0,
+            policy=wait(s.max_wait_ms / 1000.0),
             max_queue=s.max_queue_images,
             retry_after_s=s.retry_after_s,
             on_batch=metrics.observe_batch,

@@ -93,6 +93,9 @@ _QUEUE_BUCKETS = (
     5.0,
     10.0,
 )
+# How long an idle device held a batch back for mates: mostly 0 (le="0.0" counts batches that
+# ran at once), otherwise up to max_wait_ms.
+_HOLD_BUCKETS = (0.0, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
 # One batch's forward pass: sub-millisecond for the demo net, up to seconds for big CPU batches.
 _INFERENCE_BUCKETS = (
     0.0005,
@@ -127,6 +130,8 @@ class BatchStatsLike(Protocol):
     def queue_wait_s(self) -> Sequence[float]: ...
     @property
     def compute_s(self) -> float: ...
+    @property
+    def policy_wait_s(self) -> float: ...
 
 
 class _DeviceMemoryCollector(Collector):
@@ -285,6 +290,21 @@ class Metrics:
             buckets=_INFERENCE_BUCKETS,
             registry=reg,
         )
+        self._image_latency = Histogram(
+            "nacguard_image_latency_seconds",
+            "Per image: time from enqueue to its batch's answer (queue wait + compute).",
+            [*base, "device"],
+            buckets=_QUEUE_BUCKETS,
+            registry=reg,
+        )
+        self._batch_hold = Histogram(
+            "nacguard_batch_wait_seconds",
+            "Per batch: how long the idle device held it back for batch-mates, as the batching "
+            "policy chose (0: it ran at once; at most max_wait_ms).",
+            [*base, "device"],
+            buckets=_HOLD_BUCKETS,
+            registry=reg,
+        )
         self._batch_size = Histogram(
             "nacguard_batch_size_images",
             "Images per computed batch.",
@@ -328,7 +348,9 @@ class Metrics:
         # prometheus_client's labels() validates, builds a key and takes a lock on every call;
         # the hot path keeps the children it has looked up (children are never removed).
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+        self._batch_children: dict[
+            str, tuple[Histogram, Histogram, Histogram, Histogram, Histogram]
+        ] = {}
         self._prediction_children: dict[str, Counter] = {}
         self._max_class_series = max_class_series
         self._classes: set[str] = set()
@@ -497,7 +519,8 @@ class Metrics:
 
     # --- batching -----------------------------------------------------------------------------
     def observe_batch(self, stats: BatchStatsLike) -> None:
-        """Record one computed batch: its size, each image's queue wait, the compute time."""
+        """Record one computed batch: its size, each image's queue wait and latency, the compute
+        time and how long the batch was held for mates."""
         children = self._batch_children.get(stats.device)
         if children is None:
             labels = (self.model, self.profile, stats.device)
@@ -505,13 +528,17 @@ class Metrics:
                 self._batch_size.labels(*labels),
                 self._inference.labels(*labels),
                 self._queue_wait.labels(*labels),
+                self._image_latency.labels(*labels),
+                self._batch_hold.labels(*labels),
             )
             self._batch_children[stats.device] = children
-        size, inference, wait = children
+        size, inference, wait, latency, hold = children
         size.observe(stats.size)
         inference.observe(stats.compute_s)
+        hold.observe(stats.policy_wait_s)
         for seconds in stats.queue_wait_s:
             wait.observe(seconds)
+            latency.observe(seconds + stats.compute_s)
 
     def set_queue_depth(self, images: int) -> None:
         """Images waiting in the batcher's queue."""

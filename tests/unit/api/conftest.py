@@ -17,6 +17,9 @@ def make_api(tiny_bundle: Path) -> ApiFactory:
     """``async with make_api(max_batch_size=4) as api: ...`` for the tiny bundle."""
 
     def factory(**overrides: Any) -> AbstractAsyncContextManager[Api]:
+        # These tests hold images in the queue with a long max_wait_ms: the fixed window makes
+        # that wait certain (the adaptive policy has its own tests in tests/unit/engine).
+        overrides.setdefault("batch_wait", "fixed")
         return running_api(tiny_bundle, **overrides)
 
     return factory
