@@ -28,9 +28,12 @@ class FakeClock:
         self.now += seconds
 
 
-def learn_batches(policy: AdaptiveWait, sizes: list[int], *, a: float, k: float) -> None:
-    """Batches costing ``a + k * size`` seconds each."""
+def learn_batches(
+    policy: AdaptiveWait, clock: FakeClock, sizes: list[int], *, a: float, k: float
+) -> None:
+    """Back-to-back batches (a busy device) costing ``a + k * size`` seconds each."""
     for size in sizes:
+        clock.advance(a + k * size)
         policy.on_batch(size, a + k * size)
 
 
@@ -76,11 +79,11 @@ def test_cold_policy_runs_at_once(clock: FakeClock) -> None:
 
 def test_batch_cost_line_is_recovered_from_mixed_sizes(clock: FakeClock) -> None:
     policy = AdaptiveWait(10 * MS, clock=clock)
-    learn_batches(policy, [1, 16, 4, 8, 2, 12] * 10, a=0.5 * MS, k=0.2 * MS)
+    learn_batches(policy, clock, [1, 16, 4, 8, 2, 12] * 10, a=0.5 * MS, k=0.2 * MS)
     assert policy.batch_overhead_s == pytest.approx(0.5 * MS, rel=1e-6)
     # One size only: the slope is unknown and the whole cost counts as fixed (optimistic).
     single = AdaptiveWait(10 * MS, clock=clock)
-    learn_batches(single, [1] * 5, a=0.5 * MS, k=0.2 * MS)
+    learn_batches(single, clock, [1] * 5, a=0.5 * MS, k=0.2 * MS)
     assert single.batch_overhead_s == pytest.approx(0.7 * MS)
 
 
@@ -95,11 +98,29 @@ def test_lone_requests_never_wait(clock: FakeClock) -> None:
     assert policy.hit_rate(1) == 0.0
 
 
+def test_a_mostly_idle_device_does_not_wait_even_when_mates_come(clock: FakeClock) -> None:
+    # Two clients in lockstep: the second request always follows the first within 0.2 ms, but
+    # each 1 ms batch is followed by 4 ms of HTTP work: the device is busy a fifth of the time.
+    policy = AdaptiveWait(2 * MS, clock=clock)
+    for _ in range(40):
+        policy.on_submit(1)
+        policy.wait_s(queued=1, waited_s=0.0)
+        clock.advance(0.2 * MS)
+        policy.on_submit(1)
+        clock.advance(1 * MS)
+        policy.on_batch(2, 1 * MS)
+        clock.advance(4 * MS)
+    assert policy.hit_rate(1) > 0.9
+    assert policy.busy < 0.3
+    policy.on_submit(1)
+    assert policy.wait_s(queued=1, waited_s=0.0) == 0.0
+
+
 def test_closed_loop_waits_for_the_clients_it_has_and_not_for_more(clock: FakeClock) -> None:
     # Eight clients, each sending its next request when answered: bursts of 8 arrivals 10 us
     # apart, a decision at each (the device is free), then silence until the batch's answer.
     policy = AdaptiveWait(2 * MS, clock=clock)
-    learn_batches(policy, [8, 4, 8, 2], a=1 * MS, k=0.05 * MS)
+    learn_batches(policy, clock, [8, 4, 8, 2], a=1 * MS, k=0.05 * MS)
     for _ in range(30):
         waits = []
         for queued in range(1, 9):
@@ -117,7 +138,7 @@ def test_closed_loop_waits_for_the_clients_it_has_and_not_for_more(clock: FakeCl
 
 def test_steady_high_rate_waits_and_stays_within_the_bounds(clock: FakeClock) -> None:
     policy = AdaptiveWait(2 * MS, clock=clock)
-    learn_batches(policy, [1, 4, 2, 8], a=1 * MS, k=0.05 * MS)
+    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS)
     overhead = policy.batch_overhead_s
     steady(policy, clock, gap=0.1 * MS, decisions=40, queued=3)
     steady(policy, clock, gap=0.1 * MS, decisions=40)
@@ -134,7 +155,7 @@ def test_steady_high_rate_waits_and_stays_within_the_bounds(clock: FakeClock) ->
 
 def test_queue_long_enough_for_the_gap_stops_waiting(clock: FakeClock) -> None:
     policy = AdaptiveWait(5 * MS, clock=clock)
-    learn_batches(policy, [1, 4, 2, 8], a=1 * MS, k=0.05 * MS)
+    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS)
     n = math.ceil(2 * policy.batch_overhead_s / (0.3 * MS))
     steady(policy, clock, gap=0.3 * MS, decisions=40, queued=n)
     steady(policy, clock, gap=0.3 * MS, decisions=40)
@@ -146,7 +167,7 @@ def test_queue_long_enough_for_the_gap_stops_waiting(clock: FakeClock) -> None:
 
 def test_waits_that_bring_no_mate_switch_waiting_off(clock: FakeClock) -> None:
     policy = AdaptiveWait(2 * MS, clock=clock)
-    learn_batches(policy, [1, 4, 2, 8], a=1 * MS, k=0.05 * MS)
+    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS)
     steady(policy, clock, gap=0.1 * MS, decisions=40)
     policy.on_submit(1)
     waits = []
@@ -162,7 +183,7 @@ def test_waits_that_bring_no_mate_switch_waiting_off(clock: FakeClock) -> None:
 
 def test_rising_load_turns_waiting_on(clock: FakeClock) -> None:
     policy = AdaptiveWait(2 * MS, clock=clock)
-    learn_batches(policy, [1, 4, 2, 8], a=1 * MS, k=0.05 * MS)
+    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS)
     steady(policy, clock, gap=20 * MS, decisions=10)
     policy.on_submit(1)
     assert policy.wait_s(queued=1, waited_s=0.0) == 0.0
@@ -174,6 +195,6 @@ def test_rising_load_turns_waiting_on(clock: FakeClock) -> None:
 
 def test_zero_bound_never_waits(clock: FakeClock) -> None:
     policy = AdaptiveWait(0.0, clock=clock)
-    learn_batches(policy, [1, 4, 2, 8], a=1 * MS, k=0.05 * MS)
+    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS)
     steady(policy, clock, gap=0.01 * MS, decisions=20)
     assert policy.wait_s(queued=1, waited_s=0.0) == 0.0
