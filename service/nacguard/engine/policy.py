@@ -37,7 +37,13 @@ guard the rule, because real traffic is not the independent arrivals it assumes:
   benchmark), syncing clients into one batch also loses the overlap of one request's compute
   with the next one's parsing.
 
-Under load the device is busy and the question does not come up: continuous batching fills the
+**A saturated device fills its batches.** From a busy share of 80% on, queueing behind the
+device is what latency is made of, and fuller batches shorten that queue: the cost rule is
+dropped and the policy waits, while mates keep coming, up to ``max_wait_s`` from the oldest
+image (the fixed window's behaviour, minus the wait for mates that cannot come). On a CPU shared
+with HTTP handling, fewer batches also leave more CPU for the requests.
+
+Mostly the device is busy and the question does not come up: continuous batching fills the
 batches. The estimates are exponentially weighted moving averages, so they follow the load:
 
 * ``g``: gaps between submits, each capped at ``4 * max_wait_s`` (one quiet minute must not take
@@ -65,6 +71,9 @@ from typing import Protocol
 __all__ = ["AdaptiveWait", "BatchPolicy", "FixedWait"]
 
 Clock = Callable[[], float]
+
+BUSY = 0.5  # below this busy share, waiting only costs latency
+SATURATED = 0.8  # from this busy share on, capacity decides latency: fill batches up to the bound
 
 
 class BatchPolicy(Protocol):
@@ -227,14 +236,17 @@ class AdaptiveWait:
         if overhead <= 0:
             return 0.0
         break_even = 2 * overhead / (queued + 1)
+        saturated = self._busy >= SATURATED
+        window = left if saturated else min(left, break_even)
         # Every decision point is a trial, whether or not the policy waits this time: did a
         # mate arrive within the window? Judging the trials it declined too is what lets the
         # policy start waiting when the load changes.
-        self._open = (queued, now, break_even)
-        gap = max(self._gap, now - self._last_arrival)
-        if not (gap < break_even and self._hits.get(queued, 0.0) >= 0.5 and self._busy >= 0.5):
+        self._open = (queued, now, window)
+        if self._busy < BUSY or self._hits.get(queued, 0.0) < 0.5:
             return 0.0
-        return min(left, break_even)
+        if not saturated and not max(self._gap, now - self._last_arrival) < break_even:
+            return 0.0
+        return window
 
     def _outcome(self, hit: bool) -> None:
         assert self._open is not None

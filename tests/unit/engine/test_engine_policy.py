@@ -29,11 +29,17 @@ class FakeClock:
 
 
 def learn_batches(
-    policy: AdaptiveWait, clock: FakeClock, sizes: list[int], *, a: float, k: float
+    policy: AdaptiveWait,
+    clock: FakeClock,
+    sizes: list[int],
+    *,
+    a: float,
+    k: float,
+    busy: float = 1.0,
 ) -> None:
-    """Back-to-back batches (a busy device) costing ``a + k * size`` seconds each."""
+    """Batches costing ``a + k * size`` seconds each, the device busy ``busy`` of the time."""
     for size in sizes:
-        clock.advance(a + k * size)
+        clock.advance((a + k * size) / busy)
         policy.on_batch(size, a + k * size)
 
 
@@ -138,7 +144,7 @@ def test_closed_loop_waits_for_the_clients_it_has_and_not_for_more(clock: FakeCl
 
 def test_steady_high_rate_waits_and_stays_within_the_bounds(clock: FakeClock) -> None:
     policy = AdaptiveWait(2 * MS, clock=clock)
-    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS)
+    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS, busy=0.6)
     overhead = policy.batch_overhead_s
     steady(policy, clock, gap=0.1 * MS, decisions=40, queued=3)
     steady(policy, clock, gap=0.1 * MS, decisions=40)
@@ -155,7 +161,7 @@ def test_steady_high_rate_waits_and_stays_within_the_bounds(clock: FakeClock) ->
 
 def test_queue_long_enough_for_the_gap_stops_waiting(clock: FakeClock) -> None:
     policy = AdaptiveWait(5 * MS, clock=clock)
-    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS)
+    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS, busy=0.6)
     n = math.ceil(2 * policy.batch_overhead_s / (0.3 * MS))
     steady(policy, clock, gap=0.3 * MS, decisions=40, queued=n)
     steady(policy, clock, gap=0.3 * MS, decisions=40)
@@ -163,6 +169,17 @@ def test_queue_long_enough_for_the_gap_stops_waiting(clock: FakeClock) -> None:
     assert policy.wait_s(queued=1, waited_s=0.0) > 0  # (1 + 1) * 0.3 ms < 2a
     # (n + 1) * gap >= 2a: one more mate would save less than the n queued images lose.
     assert policy.wait_s(queued=n, waited_s=0.0) == 0.0
+
+
+def test_saturated_device_waits_for_mates_up_to_the_bound(clock: FakeClock) -> None:
+    policy = AdaptiveWait(2 * MS, clock=clock)
+    learn_batches(policy, clock, [1, 4, 2, 8] * 3, a=1 * MS, k=0.05 * MS, busy=1.0)
+    steady(policy, clock, gap=1.5 * MS, decisions=40)
+    policy.on_submit(1)
+    # A 1.5 ms gap is longer than the break-even 2a / 2 = 1 ms, but at saturation fuller
+    # batches are what shortens the queue: wait what is left of the bound.
+    assert policy.busy > 0.8
+    assert policy.wait_s(queued=1, waited_s=0.5 * MS) == pytest.approx(1.5 * MS)
 
 
 def test_waits_that_bring_no_mate_switch_waiting_off(clock: FakeClock) -> None:
