@@ -161,7 +161,8 @@ class AdaptiveWait:
         self._busy = 0.0
         self._last_batch_end: float | None = None
         # EWMAs of b, c, b*b and b*c over recent batches (b: size, c: compute seconds).
-        self._moments: tuple[float, float, float, float] | None = None
+        self._moments: list[float] | None = None
+        self._overhead = 0.0  # a, refitted after every batch (decisions outnumber batches)
 
     @property
     def max_wait_s(self) -> float:
@@ -186,7 +187,7 @@ class AdaptiveWait:
     @property
     def batch_overhead_s(self) -> float:
         """Estimated fixed cost of a batch, ``a`` (0 until a batch was computed)."""
-        return self._fit()[0]
+        return self._overhead
 
     def on_submit(self, images: int) -> None:
         """Record an arrival at the clock's current time (one submit is one arrival)."""
@@ -215,14 +216,16 @@ class AdaptiveWait:
             self._busy += self._alpha * (busy - self._busy)
         self._last_batch_end = now
         b, c = float(size), compute_s
-        sample = (b, c, b * b, b * c)
-        if self._moments is None:
-            self._moments = sample
-            return
-        w = self._alpha
-        self._moments = tuple(  # type: ignore[assignment]
-            m + w * (s - m) for m, s in zip(self._moments, sample, strict=True)
-        )
+        m = self._moments
+        if m is None:
+            self._moments = [b, c, b * b, b * c]
+        else:
+            w = self._alpha
+            m[0] += w * (b - m[0])
+            m[1] += w * (c - m[1])
+            m[2] += w * (b * b - m[2])
+            m[3] += w * (b * c - m[3])
+        self._overhead = self._fit()[0]
 
     def wait_s(self, queued: int, waited_s: float) -> float:
         """Seconds to wait from now (0: run now); see the module docstring for the rule."""
@@ -232,7 +235,7 @@ class AdaptiveWait:
         left = self._max_wait_s - waited_s
         if left <= 0 or queued < 1:
             return 0.0
-        overhead, _ = self._fit()
+        overhead = self._overhead
         if overhead <= 0:
             return 0.0
         break_even = 2 * overhead / (queued + 1)
