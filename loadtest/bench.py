@@ -14,8 +14,9 @@ OOD images, raw/multipart/JSON bodies in turn, unless told otherwise):
    dynamic batching (the server defaults) against ``max_batch_size=1``; NAC screening against
    plain classification (``scoring=false``); the result cache on against off, both fed the same
    requests drawn from a small set of repeated images.
-2. **Latency against throughput**: closed loops at other concurrencies (batching and
-   ``max_batch_size=1``) and open loops on the batching server at fractions of its measured
+2. **Latency against throughput**: a closed-loop concurrency sweep (1 to 64 clients; batching,
+   ``max_batch_size=1`` and batching with the fixed window, interleaved, see
+   :mod:`loadtest.sweep`) and open loops on the batching server at fractions of its measured
    closed-loop saturation throughput: 0.5x (the latency target) and 2x (overload: only
    explicit 429/503 rejections are allowed), plus a few points in between.
 3. **NAC fast path against the reference-style computation**, in-process (no HTTP: the
@@ -59,6 +60,7 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
 
 from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
 from loadtest.drivers import RunResult, closed_loop, merge_runs, open_loop
+from loadtest.sweep import render_sweep, run_sweep, sweep_rows, sweep_targets
 from loadtest.workload import ENCODINGS, Payload, build_payloads
 
 __all__ = [
@@ -91,8 +93,13 @@ class ServerConfig:
 
 
 CONFIGS: tuple[ServerConfig, ...] = (
-    ServerConfig("batching", {}, "dynamic batching (server defaults), NAC on, cache off"),
+    ServerConfig(
+        "batching", {}, "dynamic batching (server defaults: adaptive wait), NAC on, cache off"
+    ),
     ServerConfig("no-batching", {"max_batch_size": 1}, "max_batch_size=1, NAC on, cache off"),
+    ServerConfig(
+        "fixed-wait", {"batch_wait": "fixed"}, "dynamic batching, fixed max_wait_ms window"
+    ),
     ServerConfig("plain", {"scoring": False}, "dynamic batching, scoring=false (no NAC)"),
     ServerConfig("cache", {"cache_enabled": True}, "dynamic batching, NAC on, result cache on"),
 )
@@ -107,8 +114,12 @@ class BenchPlan:
         rounds: interleaved rounds of the closed-loop comparisons.
         duration_s: measured seconds per configuration and round.
         warmup_s: unrecorded seconds before each measured window.
-        sweep: further closed-loop concurrencies for the latency/throughput curves.
-        sweep_duration_s: measured seconds per sweep point.
+        sweep: closed-loop concurrencies of the sweep (:mod:`loadtest.sweep`).
+        sweep_configs: the configurations swept side by side.
+        sweep_rounds: interleaved rounds of the sweep.
+        sweep_duration_s: measured seconds per sweep point and round.
+        parts: what to run: ``closed`` (the comparisons; the open loops need it), ``sweep``,
+            ``open``, ``inproc``.
         open_fractions: open-loop arrival rates as fractions of the saturation throughput.
         open_duration_s: measured seconds of the 0.5x and 2x open loops.
         open_point_duration_s: measured seconds of the other open-loop points.
@@ -126,8 +137,11 @@ class BenchPlan:
     rounds: int = 3
     duration_s: float = 4.0
     warmup_s: float = 1.0
-    sweep: tuple[int, ...] = (1, 4, 16, 64)
-    sweep_duration_s: float = 3.0
+    sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    sweep_configs: tuple[str, ...] = ("batching", "no-batching", "fixed-wait")
+    sweep_rounds: int = 2
+    sweep_duration_s: float = 2.0
+    parts: tuple[str, ...] = ("closed", "sweep", "open", "inproc")
     open_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 2.0)
     open_duration_s: float = 12.0
     open_point_duration_s: float = 4.0
@@ -147,7 +161,8 @@ class BenchPlan:
             rounds=1,
             duration_s=1.0,
             warmup_s=0.3,
-            sweep=(),
+            sweep=(1, 8),
+            sweep_rounds=1,
             sweep_duration_s=0.8,
             open_fractions=(0.5, 2.0),
             open_duration_s=1.0,
@@ -374,9 +389,13 @@ def run_bench(
     extra = dict(extra or {})
     unique, repeated, multi = _payloads(plan, _input_size(profile))
     closed: dict[str, list[RunResult]] = {}
-    sweep: list[RunResult] = []
+    swept: dict[str, dict[int, RunResult]] = {}
     opened: list[RunResult] = []
-    with _servers(CONFIGS, profile, extra, log_dir) as servers:
+    wanted = set(plan.sweep_configs) if "sweep" in plan.parts else set()
+    if "closed" in plan.parts:
+        wanted |= {c.name for c in CONFIGS}
+    configs = [c for c in CONFIGS if c.name in wanted]
+    with _servers(configs, profile, extra, log_dir) as servers:
         log.info("servers ready after %.0fs", time.perf_counter() - started)
 
         def closed_run(key: str, server: str, payloads: Sequence[Payload], **kw: Any) -> RunResult:
@@ -409,7 +428,7 @@ def run_bench(
                 (f"batching, {n} images/request", "batching", multi),
                 (f"no-batching, {n} images/request", "no-batching", multi),
             ]
-        for rnd in range(plan.rounds):
+        for rnd in range(plan.rounds if "closed" in plan.parts else 0):
             log.info("closed loop, %d clients, round %d/%d", plan.concurrency, rnd + 1, plan.rounds)
             # Alternate the order between rounds so no configuration always follows another.
             order = comparisons if rnd % 2 == 0 else comparisons[::-1]
@@ -417,19 +436,22 @@ def run_bench(
                 closed.setdefault(key, []).append(closed_run(key, server, payloads))
         merged = {k: merge_runs(v) for k, v in closed.items()}
 
-        log.info("latency/throughput sweep")
-        for c in plan.sweep:
-            for server in ("batching", "no-batching"):
-                sweep.append(
-                    closed_run(
-                        server, server, unique, concurrency=c, duration_s=plan.sweep_duration_s
-                    )
-                )
+        if "sweep" in plan.parts:
+            log.info("concurrency sweep: %s clients, %d rounds", plan.sweep, plan.sweep_rounds)
+            swept = run_sweep(
+                lambda server, clients: closed_run(
+                    server, server, unique, concurrency=clients, duration_s=plan.sweep_duration_s
+                ),
+                plan.sweep_configs,
+                plan.sweep,
+                plan.sweep_rounds,
+            )
 
-        saturation_rps = merged["batching"].throughput_rps
+        saturation_rps = merged["batching"].throughput_rps if "batching" in merged else math.nan
         s = servers["batching"]
         queue_bound = int(str({**BENCH_DEFAULTS, **extra}.get("max_queue_images", 1024)))
-        for fraction in plan.open_fractions:
+        run_open = "open" in plan.parts and "closed" in plan.parts
+        for fraction in plan.open_fractions if run_open else ():
             main_point = fraction in (0.5, 2.0)
             rate = max(1.0, fraction * saturation_rps)
             # Below saturation a few connections suffice; at and above it the pool must exceed
@@ -450,27 +472,32 @@ def run_bench(
             _log_run(result)
             opened.append(result)
 
-    log.info("in-process NAC fast path vs reference")
-    threads = int(str({**BENCH_DEFAULTS, **extra}.get("torch_threads", 1)) or 1)
-    inproc = nac_in_process(
-        profile,
-        plan.inproc_batches,
-        rounds=plan.inproc_rounds,
-        min_s=plan.inproc_min_s,
-        threads=max(1, threads),
-    )
+    inproc: list[dict[str, Any]] = []
+    if "inproc" in plan.parts:
+        log.info("in-process NAC fast path vs reference")
+        threads = int(str({**BENCH_DEFAULTS, **extra}.get("torch_threads", 1)) or 1)
+        inproc = nac_in_process(
+            profile,
+            plan.inproc_batches,
+            rounds=plan.inproc_rounds,
+            min_s=plan.inproc_min_s,
+            threads=max(1, threads),
+        )
     meta = _meta(plan, profile, extra)
     report: dict[str, Any] = {
         "meta": meta,
         "closed": {k: v.to_dict() for k, v in merged.items()},
         "closed_rounds": {k: [r.to_dict() for r in v] for k, v in closed.items()},
-        "sweep": [r.to_dict() for r in sweep],
+        "sweep": [r.to_dict() for by_clients in swept.values() for r in by_clients.values()],
+        "sweep_table": sweep_rows(swept),
         "open": [r.to_dict() for r in opened],
         "saturation_rps": saturation_rps,
         "in_process": inproc,
     }
     report["ratios"] = _ratios(merged, plan.multi_images)
-    report["targets"] = [asdict(t) for t in _targets(merged, opened)]
+    targets = _targets(merged, opened) if merged else []
+    targets += [Target(**t) for t in sweep_targets(report["sweep_table"])]
+    report["targets"] = [asdict(t) for t in targets]
     meta["wall_s"] = time.perf_counter() - started
     return report
 
@@ -631,7 +658,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     meta = report["meta"]
     plan = meta["plan"]
     c = report["closed"]
-    r = report["ratios"]
     lines = [
         f"Machine: {meta['cpu_count']} cores ({meta['cpu']}), Python {meta['python']}, "
         f"torch {meta['torch']}; commit {meta['commit'] or '?'}, {meta['date']}. "
@@ -639,6 +665,38 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{plan['duration_s']:g} s per configuration; requests of "
         f"{'/'.join(str(n) for n in plan['images_per_request'])} image(s), "
         f"{plan['ood_fraction']:.0%} OOD, encodings {'/'.join(plan['encodings'])}.",
+    ]
+    if c:
+        lines += _closed_table(report)
+    if report.get("sweep_table"):
+        lines += [
+            "",
+            f"Closed-loop concurrency sweep: {plan['sweep_rounds']} interleaved rounds of "
+            f"{plan['sweep_duration_s']:g} s per point (after {plan['warmup_s']:g} s unrecorded); "
+            "`batching` is the server defaults (adaptive wait, max_wait_ms bound 2), "
+            "`fixed-wait` the same with batch_wait=fixed:",
+            "",
+            *render_sweep(report["sweep_table"], plan["sweep_configs"]),
+        ]
+    if report["open"]:
+        lines += _open_table(report)
+    if report["in_process"]:
+        lines += _inproc_table(report)
+    lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        op = ">=" if t["higher_is_better"] else "<="
+        lines.append(
+            f"| {t['name']} | {_f(t['value'], '{:.2f}')} ({t['detail']}) | {op} "
+            f"{t['threshold']:g} | {'yes' if t['met'] else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _closed_table(report: Mapping[str, Any]) -> list[str]:
+    plan = report["meta"]["plan"]
+    c = report["closed"]
+    r = report["ratios"]
+    lines = [
         "",
         "| comparison | configuration | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch"
         " | server CPU ms/req | ratio |",
@@ -676,7 +734,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ),
             row(f"batching, {n}-image requests", f"no-batching, {n} images/request", "1x"),
         ]
-    lines += [
+    return lines
+
+
+def _open_table(report: Mapping[str, Any]) -> list[str]:
+    lines = [
         "",
         f"Open loop on the batching server (saturation = {report['saturation_rps']:.0f} req/s, "
         "the closed-loop throughput above; latency from each request's scheduled send time):",
@@ -693,7 +755,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"| {_f(o['mean_batch'])} | {_codes(o['status_codes'])} "
             f"| {_f(o.get('rejected_p99_ms'))} | {_f(o.get('send_lag_p99_ms'))} |"
         )
-    lines += [
+    return lines
+
+
+def _inproc_table(report: Mapping[str, Any]) -> list[str]:
+    meta = report["meta"]
+    lines = [
         "",
         "NAC fast path against the reference-style computation, in-process (no HTTP), images/s "
         f"with {meta['server_defaults'].get('torch_threads', '?')} torch thread(s):",
@@ -708,14 +775,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"| **{row_['fast_over_reference']:.2f}x** | {row_['plain_ips']:.0f} "
             f"| {row_['fast_over_plain']:.2f}x |"
         )
-    lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
-    for t in report["targets"]:
-        op = ">=" if t["higher_is_better"] else "<="
-        lines.append(
-            f"| {t['name']} | {_f(t['value'], '{:.2f}')} ({t['detail']}) | {op} "
-            f"{t['threshold']:g} | {'yes' if t['met'] else '**no**'} |"
-        )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(report: Mapping[str, Any], path: Path) -> None:
@@ -730,8 +790,10 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     curves: dict[str, list[dict[str, Any]]] = {}
     for run in report["sweep"]:
         curves.setdefault(run["label"], []).append(run)
+    swept = {run["concurrency"] for run in report["sweep"]}
     for key in ("batching", "no-batching"):
-        if key in report["closed"]:
+        # The comparisons' concurrency joins the curves unless the sweep measured it too.
+        if key in report["closed"] and report["closed"][key]["concurrency"] not in swept:
             curves.setdefault(key, []).append(report["closed"][key])
     for ax, q in zip(axes, ("p50_ms", "p99_ms"), strict=True):
         for label, runs in curves.items():
@@ -797,6 +859,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--ood-fraction", type=float, help="share of generated OOD images (0.2)")
     p.add_argument(
+        "--parts",
+        type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+        help="what to run, of closed,sweep,open,inproc (default all; open needs closed)",
+    )
+    p.add_argument(
+        "--sweep",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        help="closed-loop clients of the sweep (default 1,2,4,8,16,32,64)",
+    )
+    p.add_argument("--sweep-rounds", type=int, help="interleaved rounds of the sweep (2)")
+    p.add_argument("--sweep-duration", type=float, help="measured seconds per sweep point (2)")
+    p.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="setting for all servers"
     )
     args = p.parse_args(argv)
@@ -810,6 +884,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("duration_s", args.duration),
         ("images_per_request", args.images_per_request),
         ("ood_fraction", args.ood_fraction),
+        ("parts", args.parts),
+        ("sweep", args.sweep),
+        ("sweep_rounds", args.sweep_rounds),
+        ("sweep_duration_s", args.sweep_duration),
     ):
         if value is not None:
             changes[name] = value

@@ -95,8 +95,19 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=10_000,
-        description="How long the oldest queued image may wait for batch-mates while the runner "
-        "is idle. Longer waits fill batches under light load at the price of latency.",
+        description="The most the oldest queued image may wait for batch-mates while a runner "
+        "is idle (a busy runner's batches fill by themselves, with no wait). With "
+        "batch_wait=adaptive it is only the bound; with fixed, every partial batch waits this "
+        "long. Longer fills batches under moderate load at the price of latency.",
+    )
+    batch_wait: Literal["adaptive", "fixed"] = Field(
+        "adaptive",
+        description="How long an idle runner waits for batch-mates. adaptive: only while a mate "
+        "is expected soon enough to pay for the wait, judged from the observed arrivals and "
+        "batch compute times (nacguard.engine.policy), at most max_wait_ms; a lone request "
+        "runs at once, as fast as with max_batch_size=1. fixed: until the oldest image has "
+        "waited max_wait_ms, which fills more batches under light load and doubles the latency "
+        "of lone requests on small models.",
     )
     max_queue_images: int = Field(
         1024,

@@ -87,11 +87,27 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
         "cache_on_over_off",
         "batching_over_no_batching_multi",
     }
-    assert len(report["targets"]) == 5
+    # The quick sweep: 1 and 8 clients, each configuration side by side.
+    assert [row["clients"] for row in report["sweep_table"]] == [1, 8]
+    for row in report["sweep_table"]:
+        for config in ("batching", "no-batching", "fixed-wait"):
+            assert row[config]["images_per_s"] > 0, (row["clients"], config)
+            assert row[config]["errors"] == 0, (row["clients"], config)
+        assert row["no-batching"]["mean_batch"] == 1.0
+        assert row["throughput_ratio"] == pytest.approx(
+            row["batching"]["images_per_s"] / row["no-batching"]["images_per_s"]
+        )
+    assert {(r["label"], r["concurrency"]) for r in report["sweep"]} == {
+        (config, clients)
+        for config in ("batching", "no-batching", "fixed-wait")
+        for clients in (1, 8)
+    }
+    assert len(report["targets"]) == 7  # 5 + the sweep's p50 and throughput bounds
     assert all(isinstance(t["met"], bool) for t in report["targets"])
 
     markdown = (out / "bench.md").read_text()
     assert "| comparison | configuration | images/s |" in markdown
+    assert "| clients | batching p50 ms |" in markdown
     assert "| target | measured | bound | met |" in markdown
     for key in expected:
         assert f"| {key} |" in markdown
@@ -102,7 +118,7 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
         elif tables[-1]:
             tables.append([])
     tables = [t for t in tables if t]
-    assert len(tables) == 4
+    assert len(tables) == 5
     for table in tables:
         assert len(table) >= 3  # header, separator, at least one row
         assert len({row.count("|") for row in table}) == 1, table

@@ -54,9 +54,16 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def batching_server(
     tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """Batches of 4, a 10 s wait for batch-mates, a queue of 4 images."""
+    """Batches of 4, a fixed 10 s wait for batch-mates, a queue of 4 images."""
     log = tmp_path_factory.mktemp("e2e") / "batching.log"
-    proc = start_server(tiny_bundle, log, max_batch_size=4, max_wait_ms=10_000, max_queue_images=4)
+    proc = start_server(
+        tiny_bundle,
+        log,
+        max_batch_size=4,
+        max_wait_ms=10_000,
+        batch_wait="fixed",
+        max_queue_images=4,
+    )
     yield proc
     proc.stop()
 
@@ -218,7 +225,7 @@ async def test_sigterm_drains_accepted_requests_then_exits_0(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
     images = encoded_images(5, seed=551)
-    proc = start_server(tiny_bundle, tmp_path / "drain.log", max_wait_ms=10_000)
+    proc = start_server(tiny_bundle, tmp_path / "drain.log", max_wait_ms=10_000, batch_wait="fixed")
     try:
         release = asyncio.Event()
         async with httpx.AsyncClient(base_url=proc.url, timeout=30) as c:

@@ -42,6 +42,7 @@ from nacguard.store.records import ReviewItem, ReviewLog, ReviewMark
 from nacguard.store.review_zip import write_review_zip
 
 from .errors import ERROR_RESPONSES
+from .schemas import ErrorResponse
 from .ui_data import Thumbnails, calibration_histogram, registry_stats, review_item_json
 
 __all__ = ["CONTENT_SECURITY_POLICY", "PUBLIC_PATHS", "make_ui_router"]
@@ -65,6 +66,18 @@ PUBLIC_PATHS = ("/ui", "/ui/config", *(f"/ui/static/{name}" for name in _STATIC)
 #: Most review entries one listing returns, and the most the export writes.
 MAX_REVIEW_LIST = 100
 MAX_REVIEW_EXPORT = 10_000
+
+# What the read endpoints can answer besides 200: loading/draining; the review ones also 404
+# (recording off, or no such entry), 422 (bad parameters) and 503 (review store not answering).
+_READ_RESPONSES: dict[int | str, dict[str, Any]] = {503: ERROR_RESPONSES[503]}
+_REVIEW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Review recording is off, or no such entry."},
+    422: ERROR_RESPONSES[422],
+    503: {
+        **ERROR_RESPONSES[503],
+        "description": "Loading, draining, or the review store is not answering now.",
+    },
+}
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -144,7 +157,7 @@ def make_ui_router(max_image_pixels: int, *, auth_required: bool) -> APIRouter:
             raise HTTPException(404, "no such file")
         return static(name)
 
-    @router.get("/v1/calibration", responses=ERROR_RESPONSES, summary="Calibration score histogram")
+    @router.get("/v1/calibration", responses=_READ_RESPONSES, summary="Calibration score histogram")
     async def calibration(request: Request) -> dict[str, Any]:
         """Calibration scores as an equal-width histogram (with the threshold), and the drift
         reference's bins: edges (finite inner ones) and the calibration share of each bin."""
@@ -167,7 +180,7 @@ def make_ui_router(max_image_pixels: int, *, auth_required: bool) -> APIRouter:
             },
         }
 
-    @router.get("/v1/stats", responses=ERROR_RESPONSES, summary="Request counters per model")
+    @router.get("/v1/stats", responses=_READ_RESPONSES, summary="Request counters per model")
     async def stats(request: Request) -> dict[str, Any]:
         """Cumulative ``/predict`` counters and latency buckets per model (from the metrics),
         and the drift window's bin counts. Rates come from the difference of two polls."""
@@ -192,7 +205,7 @@ def make_ui_router(max_image_pixels: int, *, auth_required: bool) -> APIRouter:
 
         return await asyncio.to_thread(draw)
 
-    @router.get("/v1/review", responses=ERROR_RESPONSES, summary="Recently flagged images")
+    @router.get("/v1/review", responses=_REVIEW_RESPONSES, summary="Recently flagged images")
     async def review(
         request: Request,
         limit: Annotated[int, Query(ge=1, le=MAX_REVIEW_LIST)] = 24,
@@ -215,7 +228,7 @@ def make_ui_router(max_image_pixels: int, *, auth_required: bool) -> APIRouter:
         }
 
     @router.post(
-        "/v1/review/{entry_id}/mark", responses=ERROR_RESPONSES, summary="Mark a flagged image"
+        "/v1/review/{entry_id}/mark", responses=_REVIEW_RESPONSES, summary="Mark a flagged image"
     )
     async def mark(
         request: Request, entry_id: str, body: Annotated[MarkIn, Body()]
@@ -236,7 +249,7 @@ def make_ui_router(max_image_pixels: int, *, auth_required: bool) -> APIRouter:
         "/v1/review/export",
         responses={
             200: {"content": {"application/zip": {}}, "description": "The marked set."},
-            **ERROR_RESPONSES,
+            **_REVIEW_RESPONSES,
         },
         response_class=Response,
         summary="Download the marked review set",

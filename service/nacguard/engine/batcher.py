@@ -10,13 +10,15 @@ images of many requests. Results are put back in the request's item order.
 it is free it takes what has accumulated. Under load, batches therefore fill up by themselves
 with no waiting at all, and the batch size follows the load.
 
-**Waiting is measured from the oldest queued image.** Only an idle device with fewer than
-``max_batch_size`` images queued waits, for batch-mates, and only until the *oldest* queued image
-has waited ``max_wait_s``. Measuring from the oldest image (rather than restarting a timer on
-every arrival, or from the moment the device became free) bounds the extra latency any one image
-pays for batching to ``max_wait_s``: a steady trickle of arrivals cannot postpone a batch
-indefinitely, and an image that already waited while the device was busy is not made to wait
-again. A full batch, or a batcher that is draining, runs at once.
+**Waiting is the policy's decision, bounded from the oldest queued image.** Only a free device
+with fewer than ``max_batch_size`` images queued may hold a batch back for batch-mates, for as
+long as its :class:`~nacguard.engine.policy.BatchPolicy` says (asked again at every arrival):
+:class:`~nacguard.engine.policy.AdaptiveWait` waits only when a mate is expected soon enough to
+pay for the wait, so a lone request runs at once as with ``max_batch_size=1``;
+:class:`~nacguard.engine.policy.FixedWait` waits until the oldest image has waited
+``max_wait_s``. The bound is measured from the *oldest* image's enqueue, so a trickle of
+arrivals cannot postpone a batch indefinitely and an image that already waited while the device
+was busy does not wait again. A full batch, or a draining batcher, runs at once.
 
 **Backpressure and lost causes are shed before they cost compute.** The queue is bounded: a
 submit that does not fit is refused at once (:class:`~nacguard.errors.Overloaded`, with
@@ -24,89 +26,31 @@ submit that does not fit is refused at once (:class:`~nacguard.errors.Overloaded
 still queued is answered with :class:`~nacguard.errors.DeadlineExceeded` and its queued images
 are removed; a cancelled submit (the client went away) likewise removes its queued images.
 
-**Failures touch only what they must.** A batch whose compute raises fails only its own images
-(:class:`~nacguard.errors.InferenceFailed`); the consumer lives on. An out-of-memory error first
-splits the batch in halves and retries each (recursively, down to single images).
+**Failures touch only what they must** (:func:`~nacguard.engine.work.compute`): a batch whose
+compute raises fails only its own images; the consumer lives on. Out of memory splits the batch.
 
 Everything here runs on the event loop and is event-driven (``asyncio.Event``); the only timed
-wait is the one for the oldest image's ``max_wait_s``. No torch is imported: the engine is generic
+waits are the policy's and the deadlines. No torch is imported: the engine is generic
 over the items it batches.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Generic, cast
+from typing import Generic
 
 from nacguard import errors
+from nacguard.engine.policy import BatchPolicy, FixedWait
 from nacguard.engine.runner import In, Out, Runner
+from nacguard.engine.work import BatchStats, Item, Ledger, Request, compute
 
 __all__ = ["BatchStats", "Batcher"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """What happened to one batch taken off the queue; reported after it is computed.
-
-    Attributes:
-        device: name of the runner that computed it.
-        size: images sent to compute (expired or cancelled images are not counted).
-        queue_wait_s: per image, seconds from enqueue to the start of the batch.
-        compute_s: seconds of compute, including out-of-memory retries.
-        failed: images of the batch whose compute failed (after any retries).
-    """
-
-    device: str
-    size: int
-    queue_wait_s: list[float]
-    compute_s: float
-    failed: int = 0
-
-
-@dataclass(eq=False)
-class _Request(Generic[Out]):
-    """One submit: its future and the bookkeeping to fill it. Compared by identity."""
-
-    future: asyncio.Future[list[Out]]
-    size: int
-    deadline: float
-    results: list[Out | None]
-    pending: int  # items not answered yet
-    queued: int  # items still in the queue (not yet taken into a batch)
-    done: bool = False
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
-
-
-@dataclass(eq=False)
-class _Item(Generic[In, Out]):
-    """One image waiting in the queue."""
-
-    value: In
-    request: _Request[Out]
-    index: int
-    enqueued_at: float
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation failure that a smaller batch might avoid.
-
-    Decided by type name and message so the engine need not import torch:
-    ``torch.cuda.OutOfMemoryError`` (and other backends' ``RuntimeError: ... out of memory``).
-    """
-    if isinstance(exc, MemoryError):
-        return True
-    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 class Batcher(Generic[In, Out]):
@@ -116,13 +60,16 @@ class Batcher(Generic[In, Out]):
         runners: one runner per device; each gets its own consumer task. The batcher owns them
             and closes them in :meth:`stop`.
         max_batch_size: most images per compute call.
-        max_wait_s: longest time the oldest queued image waits for batch-mates while a device is
-            idle. 0 runs whatever is queued as soon as a device is free.
+        max_wait_s: the window of the default policy, :class:`~nacguard.engine.policy.FixedWait`
+            (ignored when ``policy`` is given). 0 runs whatever is queued as soon as a device is
+            free.
         max_queue: most images queued (not yet in a batch) at once; beyond, submits are refused.
         on_batch: called on the event loop after every computed batch. Exceptions it raises are
             logged and ignored.
         retry_after_s: the ``retry_after`` that :class:`~nacguard.errors.Overloaded` and
             :class:`~nacguard.errors.ShuttingDown` carry.
+        policy: decides how long a free device waits for batch-mates (see
+            :mod:`nacguard.engine.policy`); it owns its bound (``policy.max_wait_s``).
 
     Raises:
         ValueError: no runners or a limit out of range.
@@ -133,10 +80,11 @@ class Batcher(Generic[In, Out]):
         runners: Sequence[Runner[In, Out]],
         *,
         max_batch_size: int,
-        max_wait_s: float,
+        max_wait_s: float = 0.0,
         max_queue: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         retry_after_s: float = 1.0,
+        policy: BatchPolicy | None = None,
     ) -> None:
         if not runners:
             raise ValueError("a Batcher needs at least one runner")
@@ -148,19 +96,18 @@ class Batcher(Generic[In, Out]):
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self._runners = list(runners)
         self._max_batch_size = max_batch_size
-        self._max_wait_s = max_wait_s
+        self._policy: BatchPolicy = policy if policy is not None else FixedWait(max_wait_s)
         self._max_queue = max_queue
         self._on_batch = on_batch
         self._retry_after_s = retry_after_s
 
-        self._queue: deque[_Item[In, Out]] = deque()
-        self._requests: set[_Request[Out]] = set()
-        self._in_flight = 0
+        self._ledger: Ledger[In, Out] = Ledger()
+        self._queue = self._ledger.queue  # the same deque, for brevity
+        self._free = 0  # consumers looking for a batch (their device is not computing)
+        self._unarmed: list[Request[Out]] = []  # submitted without a deadline timer
         # Set on every change a consumer may be waiting for (arrivals, stop); consumers clear it
         # before looking at the queue, so no wake-up is lost between looking and waiting.
         self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -177,7 +124,12 @@ class Batcher(Generic[In, Out]):
     @property
     def in_flight(self) -> int:
         """Images accepted whose request is not answered yet (queued or computing)."""
-        return self._in_flight
+        return self._ledger.in_flight
+
+    @property
+    def policy(self) -> BatchPolicy:
+        """The batching policy (read-only: for its estimates, e.g. in metrics)."""
+        return self._policy
 
     @property
     def accepting(self) -> bool:
@@ -241,7 +193,7 @@ class Batcher(Generic[In, Out]):
             raise errors.DeadlineExceeded("deadline passed before the request was queued")
 
         loop = asyncio.get_running_loop()
-        request: _Request[Out] = _Request(
+        request: Request[Out] = Request(
             future=loop.create_future(),
             size=n,
             deadline=deadline,
@@ -249,27 +201,27 @@ class Batcher(Generic[In, Out]):
             pending=n,
             queued=n,
         )
-        self._queue.extend(
-            _Item(value=value, request=request, index=i, enqueued_at=now)
-            for i, value in enumerate(items)
-        )
-        self._requests.add(request)
-        self._in_flight += n
-        self._idle.clear()
+        self._ledger.add(request, items, now)
+        self._policy.on_submit(n)
         if math.isfinite(deadline):
-            # Answer 504 when the deadline passes, not when a device gets round to the images.
-            request.timer = loop.call_later(deadline - now, self._expire, request)
+            if self._free:
+                # A free device takes these images within one loop step (and the take checks
+                # the deadline); a timer is armed only if they stay queued (_arm_timers).
+                self._unarmed.append(request)
+            else:
+                # Answer 504 when the deadline passes, not when a device gets round to it.
+                request.timer = loop.call_later(deadline - now, self._ledger.expire, request)
         self._wakeup.set()
         try:
             return await request.future
         except asyncio.CancelledError:
             # The client went away: its queued images must not cost compute.
-            self._retire(request)
+            self._ledger.retire(request)
             raise
 
     async def wait_idle(self) -> None:
         """Wait until every accepted image is answered (returns at once if none is pending)."""
-        await self._idle.wait()
+        await self._ledger.idle.wait()
 
     # The contract names a ``timeout`` argument: it bounds only the drain, not the whole call.
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:  # noqa: ASYNC109
@@ -290,20 +242,20 @@ class Batcher(Generic[In, Out]):
         self._stopping = True
         self._wakeup.set()  # waiting for batch-mates is pointless now: none can arrive
         try:
-            if drain and self._in_flight:
+            if drain and self._ledger.in_flight:
                 try:
-                    await asyncio.wait_for(self._idle.wait(), timeout)
+                    await asyncio.wait_for(self._ledger.idle.wait(), timeout)
                 except TimeoutError:
                     logger.warning(
                         "drain timed out after %ss with %d images unanswered",
                         timeout,
-                        self._in_flight,
+                        self._ledger.in_flight,
                     )
-            for request in list(self._requests):
+            for request in list(self._ledger.requests):
                 abandoned = errors.ShuttingDown(
                     "shut down before computing", retry_after=self._retry_after_s
                 )
-                self._fail(request, abandoned)
+                self._ledger.fail(request, abandoned)
             self._closing = True
             self._wakeup.set()
             # Consumers are idle after a drain; otherwise they may await a batch whose answer
@@ -320,151 +272,106 @@ class Batcher(Generic[In, Out]):
 
     async def _consume(self, runner: Runner[In, Out]) -> None:
         while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
+            self._free += 1
             try:
-                await self._run_batch(runner, batch)
+                taken = await self._next_batch()
+            finally:
+                self._free -= 1
+            if taken is None:
+                return
+            batch, policy_wait_s = taken
+            try:
+                await self._run_batch(runner, batch, policy_wait_s)
             except Exception as exc:
                 # Only a bug in this module gets here; keep the consumer (and the device) alive
                 # and make sure no future is left pending.
                 logger.exception("%s: unexpected error handling a batch", runner.name)
                 for item in batch:
-                    self._fail(item.request, errors.InferenceFailed(f"internal error: {exc}"))
+                    self._ledger.fail(
+                        item.request, errors.InferenceFailed(f"internal error: {exc}")
+                    )
 
-    async def _next_batch(self) -> list[_Item[In, Out]] | None:
-        """Wait until a batch is due and take it; ``None`` when the consumer should exit."""
+    async def _next_batch(self) -> tuple[list[Item[In, Out]], float] | None:
+        """Wait until a batch is due and take it, with the seconds spent waiting on the policy;
+        ``None`` when the consumer should exit."""
+        loop = asyncio.get_running_loop()
+        policy_wait_s = 0.0
         while True:
             self._wakeup.clear()
             if not self._queue:
                 if self._closing:
                     return None
+                policy_wait_s = 0.0
                 await self._wakeup.wait()
                 continue
-            if len(self._queue) < self._max_batch_size and not self._stopping:
-                due = self._queue[0].enqueued_at + self._max_wait_s
-                remaining = due - time.monotonic()
-                if remaining > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+            queued = len(self._queue)
+            if queued < self._max_batch_size and not self._stopping:
+                now = time.monotonic()
+                delay = self._policy.wait_s(queued, now - self._queue[0].enqueued_at)
+                if delay > 0:
+                    self._arm_timers()  # the queued images may now wait past their deadline
+                    # A timer handle, not asyncio.wait_for: no task per wait.
+                    timer = loop.call_later(delay, self._wakeup.set)
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        timer.cancel()
+                    policy_wait_s += time.monotonic() - now
                     continue
             batch = self._take()
+            self._arm_timers()  # for what stays queued; clears the list either way
             if batch:
-                return batch
+                return batch, policy_wait_s
 
-    def _take(self) -> list[_Item[In, Out]]:
+    def _arm_timers(self) -> None:
+        """Arm the deadline timers that submits skipped because a device was free.
+
+        A lone request's path stays short: a submit that finds a device free arms no timer (the
+        device takes it within one loop step, and the take checks the deadline); only requests
+        that stay queued, behind a busy device or waiting for mates, get one.
+        """
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for request in self._unarmed:
+            if not request.done and request.queued and request.timer is None:
+                request.timer = loop.call_later(
+                    request.deadline - now, self._ledger.expire, request
+                )
+        self._unarmed.clear()
+
+    def _take(self) -> list[Item[In, Out]]:
         """Pop up to ``max_batch_size`` items, answering those past their deadline instead."""
         now = time.monotonic()
-        batch: list[_Item[In, Out]] = []
+        batch: list[Item[In, Out]] = []
         while self._queue and len(batch) < self._max_batch_size:
             item = self._queue.popleft()
             request = item.request
             request.queued -= 1
             if request.deadline <= now:
                 # The deadline timer may not have fired yet; the image still must not run.
-                self._fail(request, errors.DeadlineExceeded("deadline passed while queued"))
+                self._ledger.fail(request, errors.DeadlineExceeded("deadline passed while queued"))
                 continue
             batch.append(item)
         return [item for item in batch if not item.request.done]
 
-    async def _run_batch(self, runner: Runner[In, Out], batch: list[_Item[In, Out]]) -> None:
+    async def _run_batch(
+        self, runner: Runner[In, Out], batch: list[Item[In, Out]], policy_wait_s: float
+    ) -> None:
         start = time.monotonic()
         queue_wait_s = [start - item.enqueued_at for item in batch]
-        failed = await self._compute(runner, batch)
+        failed = await compute(runner, batch, self._ledger)
+        compute_s = time.monotonic() - start
+        self._policy.on_batch(len(batch), compute_s)
         stats = BatchStats(
             device=runner.name,
             size=len(batch),
             queue_wait_s=queue_wait_s,
-            compute_s=time.monotonic() - start,
+            compute_s=compute_s,
             failed=failed,
+            policy_wait_s=policy_wait_s,
         )
         if self._on_batch is not None:
             try:
                 self._on_batch(stats)
             except Exception:
                 logger.exception("on_batch callback raised")
-
-    async def _compute(self, runner: Runner[In, Out], batch: list[_Item[In, Out]]) -> int:
-        """Compute ``batch`` and answer its items; return how many failed."""
-        outputs: list[Out] | None = None
-        out_of_memory = False
-        message = ""
-        try:
-            outputs = await runner.run([item.value for item in batch])
-            if len(outputs) != len(batch):
-                raise RuntimeError(f"compute returned {len(outputs)} outputs for {len(batch)}")
-        except Exception as exc:
-            out_of_memory = _is_out_of_memory(exc)
-            message = str(exc) or type(exc).__name__
-            if out_of_memory and len(batch) > 1:
-                logger.warning(
-                    "%s: out of memory on a batch of %d, retrying in halves: %s",
-                    runner.name,
-                    len(batch),
-                    message,
-                )
-            else:
-                logger.exception("%s: batch of %d failed", runner.name, len(batch))
-            outputs = None
-        if outputs is not None:
-            for item, output in zip(batch, outputs, strict=True):
-                self._deliver(item, output)
-            return 0
-        # Retry outside the except block, so the failed attempt's exception (and anything its
-        # traceback still holds) is released before the smaller batches run.
-        if out_of_memory and len(batch) > 1:
-            half = len(batch) // 2
-            failed = 0
-            for part in (batch[:half], batch[half:]):
-                # Requests answered meanwhile (cancelled, expired) need no retry.
-                live = [item for item in part if not item.request.done]
-                if live:
-                    failed += await self._compute(runner, live)
-            return failed
-        for item in batch:
-            if not item.request.done:
-                self._fail(item.request, errors.InferenceFailed(f"inference failed: {message}"))
-        return len(batch)
-
-    # --- request bookkeeping -------------------------------------------------------------------
-
-    def _deliver(self, item: _Item[In, Out], output: Out) -> None:
-        request = item.request
-        if request.done:
-            return
-        request.results[item.index] = output
-        request.pending -= 1
-        if request.pending == 0:
-            self._retire(request)
-            if not request.future.done():
-                request.future.set_result(cast(list[Out], request.results))
-
-    def _fail(self, request: _Request[Out], exc: errors.NacguardError) -> None:
-        if request.done:
-            return
-        self._retire(request)
-        if not request.future.done():
-            request.future.set_exception(exc)
-
-    def _expire(self, request: _Request[Out]) -> None:
-        # Images already in a batch are computed anyway; only a request with images still queued
-        # has missed its deadline "before compute".
-        if not request.done and request.queued:
-            self._fail(request, errors.DeadlineExceeded("deadline passed while queued"))
-
-    def _retire(self, request: _Request[Out]) -> None:
-        """Mark ``request`` answered: remove its queued items and release its accounting."""
-        if request.done:
-            return
-        request.done = True
-        if request.timer is not None:
-            request.timer.cancel()
-        if request.queued:
-            kept = [item for item in self._queue if item.request is not request]
-            self._queue.clear()
-            self._queue.extend(kept)
-            request.queued = 0
-        self._requests.discard(request)
-        self._in_flight -= request.size
-        if self._in_flight == 0:
-            self._idle.set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 __all__ = [
     "BATCH_BUCKETS",
     "HELP",
+    "HOLD_BUCKETS",
     "INFERENCE_BUCKETS",
     "OTHER",
     "QUEUE_BUCKETS",
@@ -40,6 +41,9 @@ REQUEST_BUCKETS = _seconds("0.001 0.0025 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1.0 
 QUEUE_BUCKETS = _seconds(
     "0.0001 0.00025 0.0005 0.001 0.0025 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1.0 2.5 5.0 10.0"
 )
+# How long an idle device held a batch back for mates: mostly 0 (le="0.0" counts batches that
+# ran at once), otherwise up to max_wait_ms.
+HOLD_BUCKETS = (0.0, *_seconds("0.0001 0.00025 0.0005 0.001 0.002 0.005 0.01 0.025 0.05 0.1 1.0"))
 # One batch's forward pass: sub-millisecond for the demo net, up to seconds for big CPU batches.
 INFERENCE_BUCKETS = _seconds(
     "0.0005 0.001 0.0025 0.005 0.01 0.025 0.05 0.1 0.25 0.5 1.0 2.5 5.0 10.0"
@@ -56,6 +60,10 @@ HELP: dict[str, str] = {
     # batching
     "queue_wait_seconds": "Per image: time from enqueue to the start of its batch.",
     "inference_duration_seconds": "Per batch: forward pass and scoring time on the device.",
+    "image_latency_seconds": "Per image: time from enqueue to its batch's answer "
+    "(queue wait + compute).",
+    "batch_wait_seconds": "Per batch: how long the idle device held it back for batch-mates, as "
+    "the batching policy chose (0: it ran at once; at most max_wait_ms).",
     "batch_size_images": "Images per computed batch.",
     "queue_images": "Images queued, waiting for a batch.",
     "queue_capacity_images": "Queue bound (max_queue_images); queued / capacity is saturation.",

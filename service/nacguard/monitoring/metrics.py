@@ -36,6 +36,7 @@ from prometheus_client.utils import floatToGoString
 from nacguard.monitoring.catalogue import (
     BATCH_BUCKETS,
     HELP,
+    HOLD_BUCKETS,
     INFERENCE_BUCKETS,
     OTHER,
     QUEUE_BUCKETS,
@@ -63,6 +64,8 @@ class BatchStatsLike(Protocol):
     def queue_wait_s(self) -> Sequence[float]: ...
     @property
     def compute_s(self) -> float: ...
+    @property
+    def policy_wait_s(self) -> float: ...
 
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
@@ -115,7 +118,9 @@ class Metrics:
         # prometheus_client's labels() validates, builds a key and takes a lock on every call;
         # the hot path keeps the children it has looked up (children are never removed).
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+        self._batch_children: dict[
+            str, tuple[Histogram, Histogram, Histogram, Histogram, Histogram]
+        ] = {}
         self._prediction_children: dict[str, Counter] = {}
         self._max_class_series = max_class_series
         self._classes: set[str] = set()
@@ -165,6 +170,12 @@ class Metrics:
         )
         self._inference = self._family(
             Histogram, "inference_duration_seconds", device, buckets=INFERENCE_BUCKETS
+        )
+        self._image_latency = self._family(
+            Histogram, "image_latency_seconds", device, buckets=QUEUE_BUCKETS
+        )
+        self._batch_hold = self._family(
+            Histogram, "batch_wait_seconds", device, buckets=HOLD_BUCKETS
         )
         self._batch_size = self._family(
             Histogram, "batch_size_images", device, buckets=BATCH_BUCKETS
@@ -259,7 +270,8 @@ class Metrics:
 
     # --- batching -----------------------------------------------------------------------------
     def observe_batch(self, stats: BatchStatsLike) -> None:
-        """Record one computed batch: its size, each image's queue wait, the compute time."""
+        """Record one computed batch: its size, each image's queue wait and latency, the compute
+        time and how long the batch was held for mates."""
         children = self._batch_children.get(stats.device)
         if children is None:
             labels = (self.model, self.profile, stats.device)
@@ -267,13 +279,17 @@ class Metrics:
                 self._batch_size.labels(*labels),
                 self._inference.labels(*labels),
                 self._queue_wait.labels(*labels),
+                self._image_latency.labels(*labels),
+                self._batch_hold.labels(*labels),
             )
             self._batch_children[stats.device] = children
-        size, inference, wait = children
+        size, inference, wait, latency, hold = children
         size.observe(stats.size)
         inference.observe(stats.compute_s)
+        hold.observe(stats.policy_wait_s)
         for seconds in stats.queue_wait_s:
             wait.observe(seconds)
+            latency.observe(seconds + stats.compute_s)
 
     def set_queue_depth(self, images: int) -> None:
         """Images waiting in the batcher's queue."""

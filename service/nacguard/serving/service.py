@@ -39,7 +39,7 @@ import torch
 import nacguard
 from nacguard.accel import set_torch_flags
 from nacguard.bundle import Bundle, load_bundle
-from nacguard.engine import Batcher, Runner
+from nacguard.engine import AdaptiveWait, Batcher, FixedWait, Runner
 from nacguard.errors import BundleError, NotReady, ShuttingDown
 from nacguard.imaging.decode import InputLimits, OffLoop, RawImage
 from nacguard.monitoring import DriftReport, Metrics
@@ -233,10 +233,11 @@ class Service:
         for runner in self._runners:
             # The first batch a runner computes warms its bundle up on the runner's own thread.
             await runner.run([dummy])
+        wait = AdaptiveWait if s.batch_wait == "adaptive" else FixedWait
         self.batcher = Batcher(
             self._runners,
             max_batch_size=s.max_batch_size,
-            max_wait_s=s.max_wait_ms / 1000.0,
+            policy=wait(s.max_wait_ms / 1000.0),
             max_queue=s.max_queue_images,
             retry_after_s=s.retry_after_s,
             on_batch=metrics.observe_batch,

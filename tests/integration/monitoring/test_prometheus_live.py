@@ -35,6 +35,7 @@ class Batch:
     size: int
     queue_wait_s: list[float]
     compute_s: float
+    policy_wait_s: float = 0.0
 
 
 @pytest.fixture

@@ -8,131 +8,14 @@ exactly when a device is busy and when it becomes free. No test asserts on timin
 from __future__ import annotations
 
 import asyncio
-import math
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 from nacguard import errors
 from nacguard.engine import Batcher, BatchStats, Runner
-
-WAIT_S = 2.0  # upper bound for anything a test awaits; reached only when a test fails
-FOREVER = math.inf
-
-
-class Gate:
-    """A compute function (x -> 10x) whose calls block until the test lets them finish."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, open_: bool = False) -> None:
-        self.loop = loop
-        self.calls: list[list[int]] = []
-        self.started: asyncio.Queue[list[int]] = asyncio.Queue()
-        self.raise_for: Callable[[list[int]], BaseException | None] = lambda items: None
-        self._cond = threading.Condition()
-        self._permits = 0
-        self._open = open_
-
-    def __call__(self, items: list[int]) -> list[int]:
-        self.calls.append(list(items))
-        self.loop.call_soon_threadsafe(self.started.put_nowait, list(items))
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._open or self._permits > 0, timeout=5):
-                raise RuntimeError("gate never released")
-            if not self._open:
-                self._permits -= 1
-        exc = self.raise_for(items)
-        if exc is not None:
-            raise exc
-        return [10 * x for x in items]
-
-    def release(self, n: int = 1) -> None:
-        """Let ``n`` blocked (or future) calls finish."""
-        with self._cond:
-            self._permits += n
-            self._cond.notify_all()
-
-    def open(self) -> None:
-        """Let every call finish from now on."""
-        with self._cond:
-            self._open = True
-            self._cond.notify_all()
-
-    async def next_batch(self) -> list[int]:
-        """The items of the next compute call, once it has started."""
-        return await asyncio.wait_for(self.started.get(), WAIT_S)
-
-    def computed(self) -> set[int]:
-        return {x for call in self.calls for x in call}
-
-
-Factory = Callable[..., Awaitable[tuple[Batcher[int, int], list[Gate]]]]
-
-
-@pytest.fixture
-async def make() -> AsyncIterator[Factory]:
-    """Build started batchers over gated runners; stop them and check their threads exit."""
-    built: list[tuple[Batcher[int, int], list[Gate], list[Runner[int, int]]]] = []
-
-    async def factory(
-        *,
-        runners: int = 1,
-        open_: bool = False,
-        max_batch_size: int = 8,
-        max_wait_s: float = 0.0,
-        max_queue: int = 64,
-        on_batch: Callable[[BatchStats], None] | None = None,
-    ) -> tuple[Batcher[int, int], list[Gate]]:
-        loop = asyncio.get_running_loop()
-        gates = [Gate(loop, open_=open_) for _ in range(runners)]
-        runner_list: list[Runner[int, int]] = [
-            Runner(gate, name=f"dev{i}") for i, gate in enumerate(gates)
-        ]
-        batcher: Batcher[int, int] = Batcher(
-            runner_list,
-            max_batch_size=max_batch_size,
-            max_wait_s=max_wait_s,
-            max_queue=max_queue,
-            on_batch=on_batch,
-            retry_after_s=3.0,
-        )
-        await batcher.start()
-        built.append((batcher, gates, runner_list))
-        return batcher, gates
-
-    yield factory
-    for batcher, gates, runner_list in built:
-        for gate in gates:
-            gate.open()
-        await asyncio.wait_for(batcher.stop(drain=False), WAIT_S)
-        for runner in runner_list:
-            assert runner.join(WAIT_S), f"runner thread {runner.name} did not exit"
-
-
-def submit(batcher: Batcher[int, int], items: list[int], deadline: float = FOREVER) -> Any:
-    return asyncio.create_task(batcher.submit(items, deadline))
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Yield to the loop until ``predicate`` holds (bounded)."""
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.001)
-
-
-async def clock_past(instant: float) -> None:
-    """Let real time pass ``instant`` (for max_wait/deadline tests, whose subject is time)."""
-    # asyncio may fire a timer up to its clock resolution early; the margin covers that.
-    await asyncio.sleep(max(0.0, instant - time.monotonic()) + 0.002)
-    assert time.monotonic() > instant
-
-
-async def result(task: Any) -> Any:
-    return await asyncio.wait_for(task, WAIT_S)
-
+from tests.unit.engine.gates import FOREVER, WAIT_S, Factory, clock_past, result, submit, until
 
 # --- batching ------------------------------------------------------------------------------------
 
@@ -405,20 +288,28 @@ async def test_on_batch_reports_every_batch_and_its_errors_are_contained(make: F
         raise RuntimeError("metrics broke")
 
     batcher, (gate,) = await make(max_batch_size=4, on_batch=on_batch)
+    began = time.monotonic()
     first = submit(batcher, [1])
     await gate.next_batch()
+    computing_since = time.monotonic()  # batch 1 started before this
     rest = submit(batcher, [2, 3])
     await until(lambda: batcher.queue_depth == 2)
-    gate.open()
+    queued_by = time.monotonic()  # [2, 3] were enqueued before this
+    gate.open()  # batch 1 ends, and batch 2 starts, after this
+    opened = time.monotonic()
     assert await result(first) == [10]
     assert await result(rest) == [20, 30]
     await until(lambda: len(stats) == 2)
-    assert [(s.device, s.size, len(s.queue_wait_s)) for s in stats] == [
-        ("dev0", 1, 1),
-        ("dev0", 2, 2),
+    answered = time.monotonic()
+    assert [(s.device, s.size, len(s.queue_wait_s), s.failed) for s in stats] == [
+        ("dev0", 1, 1, 0),
+        ("dev0", 2, 2, 0),
     ]
-    assert all(w >= 0 for s in stats for w in s.queue_wait_s)
-    assert all(s.compute_s >= 0 and s.failed == 0 for s in stats)
+    # The reported spans contain what the test saw from outside, and fit in the test's span.
+    assert opened - computing_since <= stats[0].compute_s <= answered - began
+    assert stats[0].queue_wait_s[0] <= computing_since - began
+    assert all(opened - queued_by <= w <= answered - computing_since for w in stats[1].queue_wait_s)
+    assert stats[1].compute_s <= answered - opened
 
 
 # --- several devices -----------------------------------------------------------------------------

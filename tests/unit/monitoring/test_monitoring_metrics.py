@@ -56,6 +56,7 @@ class Batch:
     size: int
     queue_wait_s: list[float] = field(default_factory=list)
     compute_s: float = 0.0
+    policy_wait_s: float = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +239,16 @@ def test_batches_and_queue(metrics: Metrics) -> None:
     assert value(metrics, "nacguard_batch_size_images_bucket", device="cpu", le="2.0") == 1
     assert value(metrics, "nacguard_queue_wait_seconds_count", device="cpu") == 4
     assert value(metrics, "nacguard_inference_duration_seconds_sum") == pytest.approx(0.03)
+    # Per image, latency = its queue wait + its batch's compute.
+    assert value(metrics, "nacguard_image_latency_seconds_sum") == pytest.approx(0.0775)
+    assert value(metrics, "nacguard_image_latency_seconds_bucket", le="0.01") == 0
+    assert value(metrics, "nacguard_image_latency_seconds_bucket", le="0.025") == 4
+    # Neither batch was held for mates.
+    assert value(metrics, "nacguard_batch_wait_seconds_bucket", le="0.0") == 2
+    metrics.observe_batch(Batch("cpu", 2, [0.003, 0.001], 0.01, policy_wait_s=0.0015))
+    assert value(metrics, "nacguard_batch_wait_seconds_bucket", le="0.0") == 2
+    assert value(metrics, "nacguard_batch_wait_seconds_bucket", le="0.002") == 3
+    assert value(metrics, "nacguard_batch_wait_seconds_sum") == pytest.approx(0.0015)
     metrics.set_queue_depth(17)
     metrics.set_in_flight(40)
     assert value(metrics, "nacguard_queue_images") == 17
