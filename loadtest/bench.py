@@ -386,6 +386,8 @@ def run_bench(
         log_dir: where the servers' logs go.
     """
     started = time.perf_counter()
+    # Other work on the machine skews every figure: record how busy it was, before and after.
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     extra = dict(extra or {})
     unique, repeated, multi = _payloads(plan, _input_size(profile))
     closed: dict[str, list[RunResult]] = {}
@@ -484,6 +486,7 @@ def run_bench(
             threads=max(1, threads),
         )
     meta = _meta(plan, profile, extra)
+    meta["load_average_at_start"] = load_at_start
     report: dict[str, Any] = {
         "meta": meta,
         "closed": {k: v.to_dict() for k, v in merged.items()},
@@ -660,10 +663,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     c = report["closed"]
     lines = [
         f"Machine: {meta['cpu_count']} cores ({meta['cpu']}), Python {meta['python']}, "
-        f"torch {meta['torch']}; commit {meta['commit'] or '?'}, {meta['date']}. "
-        f"Closed loop: {plan['concurrency']} clients, {plan['rounds']} interleaved rounds of "
-        f"{plan['duration_s']:g} s per configuration; requests of "
-        f"{'/'.join(str(n) for n in plan['images_per_request'])} image(s), "
+        f"torch {meta['torch']}; commit {meta['commit'] or '?'}, {meta['date']}; load average "
+        f"(1 min) {_f((meta.get('load_average_at_start') or [None])[0])} at the start, "
+        f"{_f((meta.get('load_average_at_end') or [None])[0])} at the end. "
+        + (
+            f"Closed loop: {plan['concurrency']} clients, {plan['rounds']} interleaved rounds of "
+            f"{plan['duration_s']:g} s per configuration. "
+            if c
+            else ""
+        )
+        + f"Requests of {'/'.join(str(n) for n in plan['images_per_request'])} image(s), "
         f"{plan['ood_fraction']:.0%} OOD, encodings {'/'.join(plan['encodings'])}.",
     ]
     if c:

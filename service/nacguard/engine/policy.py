@@ -52,7 +52,9 @@ batches. The estimates are exponentially weighted moving averages, so they follo
   While every recent batch had the same size the line is undetermined; then ``a`` is taken as
   the whole batch cost, the optimistic guess (on a GPU a batch of 16 costs about what a batch of
   one does), corrected once batches of several sizes form;
-* the busy share: per batch, its compute time over the time since the previous batch ended.
+* the busy share: per batch, its compute time over the time since the previous batch ended
+  (with several devices, the previous batch of any device: an overestimate, which errs towards
+  the fixed window's fuller batches).
 
 Nothing is known before the first batches, so the policy does not wait then: a cold server
 answers its first requests at once, and a lone request never waits.
