@@ -81,7 +81,7 @@ async def per_request_us(variant: str, clients: int, requests: int) -> float:
 def _model_compute() -> Callable[[list[Any]], list[Any]]:
     import torch
 
-    from nacguard.models.bundle import load_bundle
+    from nacguard.bundle import load_bundle
     from nacguard.settings import DEMO_PROFILE
 
     torch.set_num_threads(1)
