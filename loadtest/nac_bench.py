@@ -13,6 +13,10 @@ images/s over the rounds and ratios against ``plain`` and ``reference``.
 
     python loadtest/nac_bench.py                      # ResNet-18, batch 64, 224x224, CPU
     python loadtest/nac_bench.py --device cuda --model resnet50 --batch 256
+    python loadtest/nac_bench.py --kinds --batch 16 --size 112   # every model reference kind
+
+``--kinds`` runs the same network as each model reference kind (``loadtest/kind_models.py``):
+plain forward and NAC on the kind's default layer set, side by side with the eager module.
 """
 
 from __future__ import annotations
@@ -94,6 +98,68 @@ def run(model_name: str, batch: int, size: int, device: str, rounds: int) -> dic
     }
 
 
+def run_kinds(
+    model_name: str, batch: int, size: int, device: str, rounds: int
+) -> dict[str, object]:
+    """Plain and NAC images/s of each model kind next to the same network as an eager module."""
+    from loadtest.kind_models import kind_models
+
+    from nacguard.imaging.preprocess import PreprocessSpec
+    from nacguard.offline.layers import candidate_layers
+
+    dev = torch.device(device)
+    x = torch.randn(batch, 3, size, size)
+    spec = PreprocessSpec(size=(size, size), resize=None)
+    variants: dict[str, Callable[[], object]] = {}
+    layers: dict[str, list[str]] = {}
+    for kind, (eager, module) in kind_models(model_name, x).items():
+        for role, net in (("eager", eager), ("kind", module)):
+            names = [c.name for c in candidate_layers(net, spec) if c.default]
+            layers[f"{kind}/{role}"] = names
+            net = net.to(dev)
+            profile = ProfileBuilder(net, [LayerConfig(n, 1.0, 10.0, 50) for n in names]).fit(
+                [x.to(dev)]
+            )
+            scorer = NacScorer(net, profile, device=dev)
+
+            def plain(net: torch.nn.Module = net) -> None:
+                with torch.inference_mode():
+                    net(x.to(dev))
+
+            variants[f"{kind}/{role}/plain"] = plain
+            variants[f"{kind}/{role}/nac"] = lambda s=scorer: s(x.to(dev))
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    return {"model": model_name, "batch": batch, "size": size, "device": str(dev),
+            "threads": torch.get_num_threads(), "rounds": rounds, "images_per_s": ips,
+            "layers": layers}  # fmt: skip
+
+
+def print_kinds(r: dict[str, object]) -> None:
+    """The ``--kinds`` table."""
+    ips = r["images_per_s"]
+    assert isinstance(ips, dict)
+    print(f"{r['model']}, batch {r['batch']}, {r['size']}x{r['size']}, {r['device']}, "
+          f"{r['threads']} threads, median of {r['rounds']} rounds")  # fmt: skip
+    print("| kind | plain img/s (eager) | NAC img/s (eager) | plain vs eager | NAC vs eager |")
+    print("|---|---|---|---|---|")
+    for kind in dict.fromkeys(k.split("/")[0] for k in ips):
+        p, n = ips[f"{kind}/kind/plain"], ips[f"{kind}/kind/nac"]
+        pe, ne = ips[f"{kind}/eager/plain"], ips[f"{kind}/eager/nac"]
+        print(
+            f"| {kind} | {p:.1f} ({pe:.1f}) | {n:.1f} ({ne:.1f}) | {p / pe:.2f}x | {n / ne:.2f}x |"
+        )
+
+
 def main() -> None:
     """CLI entry point."""
     p = argparse.ArgumentParser(
@@ -105,7 +171,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", help="also write the result here")
+    p.add_argument("--kinds", action="store_true", help="compare the model reference kinds")
     args = p.parse_args()
+    if args.kinds:
+        result = run_kinds(args.model, args.batch, args.size, args.device, args.rounds)
+        print_kinds(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     r = run(args.model, args.batch, args.size, args.device, args.rounds)
     ips = r["images_per_s"]
     assert isinstance(ips, dict)

@@ -3,7 +3,7 @@
 #   apt: redis-server, prometheus (+promtool), dataset-fashion-mnist (the demo's data),
 #        chromium + chromium-driver (the operator page's browser tests; no browser download)
 #   pip: torch/torchvision (pinned: an unpinned torch can pull a different multi-GB build),
-#        then nacguard itself with its dev extras.
+#        then nacguard itself with its dev extras and every model kind (the tests cover them).
 # Set NACGUARD_SKIP_APT=1 to skip the apt part (e.g. without root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +23,4 @@ if [ "${NACGUARD_SKIP_APT:-0}" != "1" ]; then
 fi
 
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,all-models]"

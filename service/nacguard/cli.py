@@ -47,57 +47,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(_settings_from(args))
 
 
-def _load_model_for_build(
-    args: argparse.Namespace,
-) -> tuple[Any, dict[str, Any], Any, list[str], list[Any]]:
-    """Model, its reference, preprocessing, classes and default layers for ``profile build``."""
-    import torch
-
-    from nacguard.bundle import load_bundle
-    from nacguard.bundle.refs import build_model, load_state_dict, parse_model_spec
-    from nacguard.bundle.refs.demo import FashionCNN, demo_config
-    from nacguard.imaging.preprocess import PRESETS, PreprocessSpec
-
-    candidate = Path(args.model)
-    if (candidate / "bundle.json").is_file():
-        bundle = load_bundle(candidate)
-        ref = {k: v for k, v in bundle.meta["model"].items() if k not in {"weights", "sha256"}}
-        return bundle.model, ref, bundle.preprocess, bundle.classes, bundle.profile.configs
-    ref = parse_model_spec(args.model, args.num_classes)
-    torch.manual_seed(args.seed)  # a model without --weights is still the same on every rank
-    model = build_model(ref)
-    if isinstance(model, FashionCNN):
-        ref["config"] = demo_config(model)  # record the defaults too
-    if args.weights:
-        model.load_state_dict(load_state_dict(Path(args.weights)), strict=True)
-    elif ref["kind"] != "demo":
-        log.warning("no --weights given: profiling randomly initialised weights")
-    preset = args.preprocess or ("fashion-mnist" if ref["kind"] == "demo" else "imagenet")
-    spec = PRESETS.get(preset) or PreprocessSpec.from_dict(json.loads(preset))
-    return model, ref, spec, [], []
-
-
 def _cmd_profile_build(args: argparse.Namespace) -> int:
     from nacguard.nac import LayerConfig
     from nacguard.nac.states import resolve_modules
     from nacguard.offline.build import BuildPlan, build_bundle
     from nacguard.offline.datasets import load_source
+    from nacguard.offline.layers import candidate_layers
+    from nacguard.offline.model_setup import copy_artifacts, setup_model
 
-    model, ref, preprocess, classes, layers = _load_model_for_build(args)
+    setup = setup_model(args)
+    layers = setup.layers
     default = LayerConfig("default", args.beta, args.saturation, args.n_edges)
     if args.layers:
         layers = [LayerConfig.parse(text, default) for text in args.layers]
+    if not layers:  # the default set (nacguard profile layers marks it)
+        chosen = [c.name for c in candidate_layers(setup.model, setup.preprocess) if c.default]
+        log.info("no --layers: monitoring the default set %s", chosen)
+        layers = [LayerConfig.parse(name, default) for name in chosen]
     if not layers:
-        raise ValueError("give --layers NAME[:O:M:BETA] ...")
-    resolve_modules(model, [c.name for c in layers])  # fails early, listing valid names
+        raise ValueError("no default layers found: give --layers NAME[:O:M:BETA] ...")
+    resolve_modules(setup.model, [c.name for c in layers])  # fails early, listing valid names
     source = load_source(args.data, seed=args.seed)
-    classes = list(args.classes.split(",")) if args.classes else classes or source.classes or []
+    classes = setup.classes or source.classes or []
     if not classes:
-        raise ValueError("the data has no class names: give --classes a,b,c")
+        raise ValueError("neither the model nor the data has class names: give --classes")
     plan = BuildPlan(
         name=args.name or Path(args.out).name,
-        model_ref=ref,
-        preprocess=preprocess,
+        model_ref=setup.ref,
+        preprocess=setup.preprocess,
         classes=classes,
         layers=layers,
         samples=args.samples,
@@ -107,8 +84,14 @@ def _cmd_profile_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     cal_source = load_source(args.calibration_data) if args.calibration_data else None
+    if len(source) < args.samples + (0 if cal_source else args.calibration_samples):
+        raise ValueError(
+            f"{source.name} has {len(source)} images; need {args.samples} to count"
+            + ("" if cal_source else f" + {args.calibration_samples} to calibrate")
+        )
+    copy_artifacts(setup, Path(args.out))
     out = build_bundle(
-        plan, model, source, Path(args.out), calibration_source=cal_source, device=args.device
+        plan, setup.model, source, Path(args.out), calibration_source=cal_source, device=args.device
     )
     if out is not None:
         print(f"wrote {out}")
@@ -263,6 +246,9 @@ def _cmd_review_export(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from nacguard.offline.model_setup import add_model_arguments
+    from nacguard.offline.profile_cli import add_layers_command, add_tune_command
+
     p = argparse.ArgumentParser(prog="nacguard", description=__doc__)
     p.add_argument("--log-level", default="info")
     sub = p.add_subparsers(dest="command", required=True)
@@ -275,13 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     psub = profile.add_subparsers(dest="profile_command", required=True)
 
     b = psub.add_parser("build", help="count NAC states on InD data and calibrate a threshold")
-    b.add_argument(
-        "--model", required=True, help="demo[:k=v], torchvision:NAME[:k=v], or a bundle dir"
-    )
-    b.add_argument("--weights", help="state dict (.safetensors, or .pt/.pth loaded weights-only)")
-    b.add_argument("--num-classes", type=int)
-    b.add_argument("--preprocess", help="preset (imagenet, fashion-mnist) or a JSON spec")
-    b.add_argument("--classes", help="comma-separated class names (default: from the data)")
+    add_model_arguments(b)
     b.add_argument("--data", required=True, help="fashion-mnist:train, a folder, ...")
     b.add_argument(
         "--calibration-data",
@@ -300,6 +280,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=_cmd_profile_build)
+
+    add_layers_command(psub)
+    add_tune_command(psub)
 
     e = psub.add_parser("eval", help="AUROC / FPR95 / AUPR of NAC, MSP and energy")
     e.add_argument("--profile", required=True)

@@ -180,7 +180,7 @@ def load_bundle(
     if precision not in PRECISIONS:
         raise BundleError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
     try:
-        model = build_model(meta["model"])
+        model = build_model(meta["model"], path)
         weights = _checked(path, meta["model"], "weights")
         model.load_state_dict(load_file(str(weights)), strict=True)
         tables = load_file(str(_checked(path, meta["nac"], "file")))

@@ -20,7 +20,18 @@ from PIL import Image, ImageOps
 
 from nacguard.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["PRESETS", "PreprocessSpec", "decode_image", "normalize_mode"]
+__all__ = ["INTERPOLATIONS", "PRESETS", "PreprocessSpec", "decode_image", "normalize_mode"]
+
+
+#: Resampling filters by name (the names timm and Hugging Face configs use).
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class PreprocessSpec:
             ``size`` (the ImageNet recipe); if None, resize directly to ``size``.
         mean, std: per-channel normalisation after scaling pixels to [0, 1].
         background: gray level (0-255) that transparent pixels are composited onto.
+        interpolation: resampling filter of the resize steps (a key of ``INTERPOLATIONS``).
     """
 
     mode: Literal["L", "RGB"] = "RGB"
@@ -42,6 +54,7 @@ class PreprocessSpec:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     background: int = 0
+    interpolation: str = "bilinear"
     _mean_t: torch.Tensor = field(init=False, repr=False, compare=False)
     _std_t: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -49,6 +62,10 @@ class PreprocessSpec:
         channels = 1 if self.mode == "L" else 3
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"mode {self.mode} needs {channels} mean/std values")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"unknown interpolation {self.interpolation!r}; use one of {sorted(INTERPOLATIONS)}"
+            )
         object.__setattr__(self, "size", tuple(self.size))
         object.__setattr__(self, "_mean_t", torch.tensor(self.mean).view(-1, 1, 1))
         object.__setattr__(self, "_std_t", torch.tensor(self.std).view(-1, 1, 1))
@@ -77,21 +94,23 @@ class PreprocessSpec:
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
             background=int(d.get("background", 0)),
+            interpolation=str(d.get("interpolation", "bilinear")),
         )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Preprocess one PIL image into a float32 tensor [C, H, W]."""
         img = normalize_mode(image, self.mode, self.background)
         h, w = self.size
+        resample = INTERPOLATIONS[self.interpolation]
         if self.resize is not None:
             scale = self.resize / min(img.size)
             new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
             if new != img.size:
-                img = img.resize(new, Image.Resampling.BILINEAR)
+                img = img.resize(new, resample)
             left, top = (img.width - w) // 2, (img.height - h) // 2
             img = img.crop((left, top, left + w, top + h))
         elif img.size != (w, h):
-            img = img.resize((w, h), Image.Resampling.BILINEAR)
+            img = img.resize((w, h), resample)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         t = torch.from_numpy(arr)
         t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)

@@ -296,20 +296,57 @@ class StateExtractor:
         def capture_head(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             head_in.append(args[0])
 
+        head_out: list[torch.Tensor] = []
+
+        def capture_head_out(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            head_out.append(out)
+
         pre = self._head.register_forward_pre_hook(capture_head)
+        post = self._head.register_forward_hook(capture_head_out)
         try:
             with torch.inference_mode(), self._hooks(capture), self._autocast(x):
                 logits = self.model(x)
         finally:
             pre.remove()
-        feeds_head = len(head_in) == 1 and all(
-            z.data_ptr() == head_in[0].data_ptr() and z.numel() == head_in[0].numel()
-            for z in outputs.values()
-        )
-        if not feeds_head:
+            post.remove()
+        if not self._feeds_head(outputs, head_in, head_out, logits):
             return None, False
         states = head_states(logits, outputs, self._head, self.betas)
         return ForwardStates(logits=logits, states=states), True
+
+    def _feeds_head(
+        self,
+        outputs: dict[str, torch.Tensor],
+        head_in: list[torch.Tensor],
+        head_out: list[torch.Tensor],
+        logits: torch.Tensor,
+    ) -> bool:
+        """Whether ``g = (p - 1/C) W`` is exactly every monitored layer's gradient.
+
+        That needs: the head ran once on a [B, D] input; every monitored output is that very
+        tensor (same storage and size; [B, D, 1, 1] pools count, a flattened [B, D, H, W] map
+        does not, since its neurons are D channels, not D*H*W values); and the logits ARE the
+        head's output (no scaling, second head or other op after it). The values are compared
+        too on this first call, so a view with another layout or an in-place change after the
+        head falls back to autograd instead of giving wrong numbers.
+        """
+        if len(head_in) != 1 or len(head_out) != 1 or head_in[0].dim() != 2:
+            return False
+        feature = head_in[0]
+        for z in outputs.values():
+            if z.data_ptr() != feature.data_ptr() or z.numel() != feature.numel():
+                return False
+            pooled = {4: z.shape[:2], 3: z.shape[::2], 2: z.shape}.get(z.dim())
+            if pooled != feature.shape:
+                return False
+            if not torch.equal(z.reshape(feature.shape), feature):
+                return False
+        out = head_out[0]
+        return (
+            out.data_ptr() == logits.data_ptr()
+            and out.shape == logits.shape
+            and torch.equal(out, logits)
+        )
 
     def _autograd(self, x: torch.Tensor) -> ForwardStates:
         """One forward with a graph starting at the earliest monitored output, one grad call."""

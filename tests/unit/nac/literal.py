@@ -51,6 +51,8 @@ def literal_states(
             z, g = z.detach(), g.detach()
             if z.dim() == 4:
                 zs, gs = z.sum(dim=3).sum(dim=2), g.sum(dim=3).sum(dim=2)
+            elif z.dim() == 3:  # ViT tokens [B, T, D]: summed over all tokens (method, sec. 6)
+                zs, gs = z.sum(dim=1), g.sum(dim=1)
             else:
                 zs, gs = z.reshape(z.shape[0], -1), g.reshape(g.shape[0], -1)
             states[name] = torch.sigmoid(beta * (zs * gs)).numpy()

@@ -15,6 +15,7 @@ after a few minutes of CPU training (see ``profiles/fashion-mnist/training.json`
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,7 +153,7 @@ def parse(name: str | None, options: dict[str, Any]) -> dict[str, Any]:
     return {"kind": KIND, "config": options}
 
 
-def build(ref: dict[str, Any]) -> nn.Module:
+def build(ref: dict[str, Any], root: Path | None = None) -> nn.Module:
     """The untrained demo net of a ``{"kind": "demo", "config": {...}}`` reference."""
     return build_demo_model(ref.get("config", {}))
 

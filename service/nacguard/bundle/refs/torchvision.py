@@ -3,6 +3,7 @@ torchvision classification architecture by name (weights come from the bundle, n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -23,7 +24,7 @@ def parse(name: str | None, options: dict[str, Any]) -> dict[str, Any]:
     return {"kind": KIND, "name": name, "kwargs": options}
 
 
-def build(ref: dict[str, Any]) -> nn.Module:
+def build(ref: dict[str, Any], root: Path | None = None) -> nn.Module:
     """The untrained architecture.
 
     Raises:
