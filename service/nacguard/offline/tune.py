@@ -77,6 +77,7 @@ class TuneResult:
     budget_hit: bool
     baseline: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    products_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -87,6 +88,7 @@ class TuneResult:
             "baseline": self.baseline,
             "ood_validation": self.ood_sets,
             "seconds": round(self.seconds, 1),
+            "products_s": round(self.products_s, 1),
             "budget_s": self.budget_s,
             "budget_hit": self.budget_hit,
             "per_layer_best": self.per_layer_best,
@@ -99,7 +101,8 @@ class TuneResult:
         lines = ["# NAC tuning report", ""]
         for key, value in self.info.items():
             lines.append(f"- {key}: {value}")
-        lines += [f"- search: {self.seconds:.0f} s of a {self.budget_s:g} s budget"
+        lines += [f"- search: {self.seconds:.0f} s ({self.products_s:.0f} s of it for the pooled "
+                  f"products) of a {self.budget_s:g} s budget"
                   + (" (budget reached: grid cut short)" if self.budget_hit else ""), "",
                   "Chosen `--layers` " + " ".join(f"`{s}`" for s in self.to_json()["layers"]),
                   f"mean AUROC {self.chosen['mean_auroc']:.4f}, min {self.chosen['min_auroc']:.4f}"]  # fmt: skip
@@ -278,6 +281,7 @@ def tune_layers(
     ind = _products(model, names, ind_images, prep, batch_size, device, desc("products: InD val"))
     ood = {k: _products(model, names, v, prep, batch_size, device, desc(f"products: {k}"))
            for k, v in oods.items()}  # fmt: skip
+    products_s = time.monotonic() - started
     budget_hit = False
     table: dict[str, list[dict[str, Any]]] = {}
     best: dict[str, dict[str, Any]] = {}
@@ -288,7 +292,9 @@ def tune_layers(
             len(layers) - i
         )
         search = _LayerSearch(fit[layer], ind[layer], {k: v[layer] for k, v in ood.items()})
-        scale = float(fit[layer].abs().median()) + 1e-12
+        # The scale of the pooled products; zeros (dead ReLU features) would drag a median to 0.
+        nonzero = fit[layer].abs()[fit[layer] != 0]
+        scale = float(nonzero.median()) if nonzero.numel() else 1.0
         rows: list[dict[str, Any]] = []
         points = _points(grid, scale, seeds.get(layer))
         for beta, m, o, coarse in tqdm(
@@ -346,6 +352,7 @@ def tune_layers(
         budget_s=budget_s,
         budget_hit=budget_hit,
         baseline=base,
+        products_s=products_s,
     )
 
 

@@ -61,3 +61,26 @@ def test_bundle_refuses_a_replaced_model_file(tmp_path: Path) -> None:
     program.write_bytes(program.read_bytes() + b"\0")
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(out)
+
+
+def test_onnx_with_shared_weights_converts_faithfully(tmp_path: Path) -> None:
+    """torch.onnx writes batch norms folded into convolutions as Identity nodes over shared
+    initializers; the conversion inlines them and still matches onnxruntime."""
+    import onnx
+    import torch
+    import torchvision
+
+    from nacguard.bundle.refs import build_model, parse_model_spec
+    from nacguard.bundle.refs import onnx as onnx_kind
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3).eval()
+    file = tmp_path / "resnet18.onnx"
+    torch.onnx.export(net, (torch.randn(2, 3, 32, 32),), str(file), input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)  # fmt: skip
+    assert "Identity" in {n.op_type for n in onnx.load(str(file)).graph.node}
+    module = build_model(parse_model_spec(f"onnx:{file}"))
+    x = torch.randn(3, 3, 32, 32)
+    assert onnx_kind.verify(module, file, x) < 1e-4
+    with torch.inference_mode():
+        np.testing.assert_allclose(module(x).numpy(), net(x).numpy(), rtol=0, atol=1e-4)

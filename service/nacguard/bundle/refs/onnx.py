@@ -57,13 +57,38 @@ def _convert(file: Path) -> nn.Module:
         graph = onnx.load(str(file))
     except Exception as exc:
         raise ValueError(f"{file}: not an ONNX model ({type(exc).__name__})") from None
+    _inline_identity_initializers(graph)
     try:
         module: nn.Module = onnx2torch.convert(graph)
     except NotImplementedError as exc:
         # onnx2torch names the operator: "Converter is not implemented (OperationDescription(
         # domain='', operation_type='Det', version=11))".
         raise ValueError(f"{file}: cannot convert to torch: {exc}") from None
+    except Exception as exc:  # a converter that fails on this graph's shapes or attributes
+        raise ValueError(f"{file}: cannot convert to torch ({type(exc).__name__}: {exc})") from None
     return module.eval()
+
+
+def _inline_identity_initializers(graph: Any) -> None:
+    """Replace ``Identity(initializer)`` nodes by a copy of the initializer under the output name.
+
+    torch.onnx's exporter writes shared weights (e.g. batch norms folded into convolutions) as
+    Identity nodes over one initializer; onnx2torch wants the weights of a Conv or Gemm to be
+    initializers themselves. The graph computes the same either way.
+    """
+    inits = {t.name: t for t in graph.graph.initializer}
+    keep = []
+    for node in graph.graph.node:
+        if node.op_type == "Identity" and len(node.input) == 1 and node.input[0] in inits:
+            copy = type(inits[node.input[0]])()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            graph.graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    if len(keep) != len(graph.graph.node):
+        del graph.graph.node[:]
+        graph.graph.node.extend(keep)
 
 
 def build(ref: dict[str, Any], root: Path | None = None) -> nn.Module:
