@@ -40,11 +40,13 @@ def main() -> int:
         f"{kind.removeprefix('fmnist-train-')}=synthetic:{kind}?n={args.ood_n}&seed={args.seed + 1}"
         for kind in OOD_SETS
     ]
-    argv = ["profile", "tune", "--model", "demo", "--weights", args.weights,
-         "--data", "fashion-mnist:train-fit", "--validation-data", "fashion-mnist:train-holdout",
-         "--samples", str(args.samples), "--validation-samples", "5000", "--seed", str(args.seed),
-         "--no-generated-ood", "--ood", *oods, "--layers", *LAYERS, "--budget-s", str(args.budget_s),
-            "--out", args.out, "--name", "fashion-mnist"]  # fmt: skip
+    argv = [
+        *("profile", "tune", "--model", "demo", "--weights", args.weights),
+        *("--data", "fashion-mnist:train-fit", "--validation-data", "fashion-mnist:train-holdout"),
+        *("--samples", str(args.samples), "--validation-samples", "5000", "--seed", str(args.seed)),
+        *("--no-generated-ood", "--ood", *oods, "--layers", *LAYERS),
+        *("--budget-s", str(args.budget_s), "--out", args.out, "--name", "fashion-mnist"),
+    ]
     return nacguard(argv)
 
 
