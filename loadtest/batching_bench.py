@@ -117,6 +117,9 @@ def start_server(
     env = {k: v for k, v in os.environ.items() if not k.startswith("NACGUARD_")}
     env["NACGUARD_HOST"] = "127.0.0.1"
     env["NACGUARD_PORT"] = str(port)
+    # gRPC is off unless asked for: several servers (and other users') share the machine, and
+    # its default port would collide.
+    env["NACGUARD_GRPC_PORT"] = "0"
     if profile is not None:
         env["NACGUARD_PROFILE"] = str(profile)
     for name, value in (overrides or {}).items():

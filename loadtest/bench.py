@@ -13,7 +13,9 @@ OOD images, raw/multipart/JSON bodies in turn, unless told otherwise):
 1. **Closed loop** at ``--concurrency`` clients (32), ``--rounds`` interleaved rounds:
    dynamic batching (the server defaults) against ``max_batch_size=1``; NAC screening against
    plain classification (``scoring=false``); the result cache on against off, both fed the same
-   requests drawn from a small set of repeated images.
+   requests drawn from a small set of repeated images; and the protocols on the batching server:
+   the Open Inference Protocol over REST (binary tensor data, as ``tritonclient`` sends it) and
+   over gRPC, against ``/predict``, with the same images (``--protocols-only``: just these).
 2. **Latency against throughput**: a closed-loop concurrency sweep (1 to 64 clients; batching,
    ``max_batch_size=1`` and batching with the fixed window, interleaved, see
    :mod:`loadtest.sweep`) and open loops on the batching server at fractions of its measured
@@ -51,15 +53,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
+from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, _free_port, start_server
 from loadtest.drivers import RunResult, closed_loop, merge_runs, open_loop
+from loadtest.protocols import GrpcRequest, grpc_closed_loop, grpc_requests, v2_rest_payloads
 from loadtest.sweep import render_sweep, run_sweep, sweep_rows, sweep_targets
 from loadtest.workload import ENCODINGS, Payload, build_payloads
 
@@ -131,6 +134,7 @@ class BenchPlan:
         inproc_batches: batch sizes of the in-process fast vs reference comparison.
         inproc_rounds: its round-robin rounds.
         inproc_min_s: least seconds per variant, batch size and round.
+        protocols_only: run only the protocol comparison (/predict, v2 REST, gRPC).
     """
 
     concurrency: int = 32
@@ -153,6 +157,7 @@ class BenchPlan:
     inproc_batches: tuple[int, ...] = (1, 16, 64)
     inproc_rounds: int = 5
     inproc_min_s: float = 0.4
+    protocols_only: bool = False
 
     @classmethod
     def quick(cls) -> BenchPlan:
@@ -351,11 +356,19 @@ def _payloads(plan: BenchPlan, size: int) -> tuple[list[Payload], list[Payload],
     return unique, repeated, multi
 
 
-def _input_size(profile: Path | None) -> int:
+def _bundle_meta(profile: Path | None) -> dict[str, Any]:
     from nacguard.settings import DEMO_PROFILE
 
-    meta = json.loads(((profile or DEMO_PROFILE) / "bundle.json").read_text())
-    return int(meta["preprocess"]["size"][0])
+    meta: dict[str, Any] = json.loads(((profile or DEMO_PROFILE) / "bundle.json").read_text())
+    return meta
+
+
+def _input_size(profile: Path | None) -> int:
+    return int(_bundle_meta(profile)["preprocess"]["size"][0])
+
+
+#: The protocol comparison's configurations (all on the batching server, same images).
+PROTOCOLS = ("/predict, raw images", "v2 REST (binary)", "gRPC")
 
 
 def _log_run(r: RunResult) -> None:
@@ -390,6 +403,12 @@ def run_bench(
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     extra = dict(extra or {})
     unique, repeated, multi = _payloads(plan, _input_size(profile))
+    # The protocols carry the same images as raw single-image /predict bodies (same seed).
+    raw = build_payloads(
+        1024, ood_fraction=plan.ood_fraction, encodings=["raw"], size=_input_size(profile), seed=0
+    )
+    model = str(_bundle_meta(profile).get("name", "unnamed"))
+    grpc_port = _free_port()
     closed: dict[str, list[RunResult]] = {}
     swept: dict[str, dict[int, RunResult]] = {}
     opened: list[RunResult] = []
@@ -397,17 +416,38 @@ def run_bench(
     if "closed" in plan.parts:
         wanted |= {c.name for c in CONFIGS}
     configs = [c for c in CONFIGS if c.name in wanted]
+    configs = [
+        replace(c, overrides={**c.overrides, "grpc_port": grpc_port}) if c.name == "batching" else c
+        for c in configs
+        if not plan.protocols_only or c.name == "batching"
+    ]
     with _servers(configs, profile, extra, log_dir) as servers:
         log.info("servers ready after %.0fs", time.perf_counter() - started)
 
-        def closed_run(key: str, server: str, payloads: Sequence[Payload], **kw: Any) -> RunResult:
+        def closed_run(
+            key: str, server: str, payloads: Sequence[Payload] | Sequence[GrpcRequest], **kw: Any
+        ) -> RunResult:
             s = servers[server]
             kw.setdefault("concurrency", plan.concurrency)
             kw.setdefault("duration_s", plan.duration_s)
+            if payloads and isinstance(payloads[0], GrpcRequest):
+                result = asyncio.run(
+                    grpc_closed_loop(
+                        s.url,
+                        f"127.0.0.1:{grpc_port}",
+                        payloads,  # type: ignore[arg-type]
+                        label=key,
+                        warmup_s=plan.warmup_s,
+                        server_pid=s.process.pid,
+                        **kw,
+                    )
+                )
+                _log_run(result)
+                return result
             result = asyncio.run(
                 closed_loop(
                     s.url,
-                    payloads,
+                    payloads,  # type: ignore[arg-type]
                     label=key,
                     warmup_s=plan.warmup_s,
                     server_pid=s.process.pid,
@@ -417,14 +457,23 @@ def run_bench(
             _log_run(result)
             return result
 
-        comparisons = [
+        comparisons: list[tuple[str, str, Sequence[Payload] | Sequence[GrpcRequest]]] = [
             ("batching", "batching", unique),
             ("no-batching", "no-batching", unique),
             ("plain", "plain", unique),
             ("cache on, repeated images", "cache", repeated),
             ("cache off, repeated images", "batching", repeated),
         ]
-        if multi:
+        protocol_runs: list[tuple[str, str, Sequence[Payload] | Sequence[GrpcRequest]]] = [
+            (PROTOCOLS[0], "batching", raw),
+            (PROTOCOLS[1], "batching", v2_rest_payloads(raw, model)),
+            (PROTOCOLS[2], "batching", grpc_requests(raw, model)),
+        ]
+        if plan.protocols_only:
+            comparisons = [("batching", "batching", unique), *protocol_runs]
+        else:
+            comparisons += protocol_runs
+        if multi and not plan.protocols_only:
             n = plan.multi_images
             comparisons += [
                 (f"batching, {n} images/request", "batching", multi),
@@ -515,6 +564,10 @@ def _ratios(m: Mapping[str, RunResult], multi_images: int = 0) -> dict[str, floa
         "batching_over_no_batching": ratio("batching", "no-batching"),
         "nac_over_plain": ratio("batching", "plain"),
         "cache_on_over_off": ratio("cache on, repeated images", "cache off, repeated images"),
+        "v2_rest_over_predict": ratio(PROTOCOLS[1], "batching"),
+        "grpc_over_predict": ratio(PROTOCOLS[2], "batching"),
+        "v2_rest_over_predict_raw": ratio(PROTOCOLS[1], PROTOCOLS[0]),
+        "grpc_over_predict_raw": ratio(PROTOCOLS[2], PROTOCOLS[0]),
     }
     if multi_images > 1:
         out["batching_over_no_batching_multi"] = ratio(
@@ -526,7 +579,24 @@ def _ratios(m: Mapping[str, RunResult], multi_images: int = 0) -> dict[str, floa
 
 def _targets(m: Mapping[str, RunResult], opened: Sequence[RunResult]) -> list[Target]:
     ratios = _ratios(m)
+    protocols = [
+        Target(
+            f"Open Inference Protocol {name} >= {bound:g}x the images/s of /predict",
+            ratios[key],
+            bound,
+            True,
+            "closed loop, images/s ratio against /predict's mixed raw/multipart/JSON bodies "
+            f"(against raw bodies only: {_f(ratios[key + '_raw'], '{:.2f}')}x)",
+        )
+        for name, key, bound in (
+            ("REST (binary)", "v2_rest_over_predict", 0.9),
+            ("gRPC", "grpc_over_predict", 1.0),
+        )
+    ]
+    if "no-batching" not in m:  # --protocols-only
+        return protocols
     targets = [
+        *protocols,
         Target(
             "dynamic batching >= 3x the throughput of max_batch_size=1",
             ratios["batching_over_no_batching"],
@@ -720,19 +790,27 @@ def _closed_table(report: Mapping[str, Any]) -> list[str]:
             f"| {_f(x['server_cpu_ms_per_request'], '{:.2f}')} | {ratio} |"
         )
 
-    lines += [
-        row("batching", "batching", f"**{_f(r['batching_over_no_batching'], '{:.2f}')}x**"),
-        row("batching", "no-batching", "1x"),
-        row("NAC screening", "batching", f"**{_f(r['nac_over_plain'], '{:.2f}')}x**"),
-        row("NAC screening", "plain", "1x"),
-        row(
-            "result cache",
-            "cache on, repeated images",
-            f"**{_f(r['cache_on_over_off'], '{:.2f}')}x** "
-            f"({c['cache on, repeated images']['cache_hit_rate']:.0%} hits)",
-        ),
-        row("result cache", "cache off, repeated images", "1x"),
-    ]
+    if "no-batching" in c:  # not with --protocols-only
+        lines += [
+            row("batching", "batching", f"**{_f(r['batching_over_no_batching'], '{:.2f}')}x**"),
+            row("batching", "no-batching", "1x"),
+            row("NAC screening", "batching", f"**{_f(r['nac_over_plain'], '{:.2f}')}x**"),
+            row("NAC screening", "plain", "1x"),
+            row(
+                "result cache",
+                "cache on, repeated images",
+                f"**{_f(r['cache_on_over_off'], '{:.2f}')}x** "
+                f"({c['cache on, repeated images']['cache_hit_rate']:.0%} hits)",
+            ),
+            row("result cache", "cache off, repeated images", "1x"),
+        ]
+    if PROTOCOLS[2] in c:
+        lines += [
+            row("protocols", "batching", "1x (/predict, mixed bodies)"),
+            row("protocols", PROTOCOLS[0], ""),
+            row("protocols", PROTOCOLS[1], f"**{_f(r.get('v2_rest_over_predict'), '{:.2f}')}x**"),
+            row("protocols", PROTOCOLS[2], f"**{_f(r.get('grpc_over_predict'), '{:.2f}')}x**"),
+        ]
     n = plan.get("multi_images", 0)
     if n and f"batching, {n} images/request" in c:
         lines += [
@@ -880,6 +958,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sweep-rounds", type=int, help="interleaved rounds of the sweep (2)")
     p.add_argument("--sweep-duration", type=float, help="measured seconds per sweep point (2)")
     p.add_argument(
+        "--protocols-only",
+        action="store_true",
+        help="only /predict against the Open Inference Protocol's REST and gRPC (--parts closed)",
+    )
+    p.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="setting for all servers"
     )
     args = p.parse_args(argv)
@@ -897,9 +980,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("sweep", args.sweep),
         ("sweep_rounds", args.sweep_rounds),
         ("sweep_duration_s", args.sweep_duration),
+        ("protocols_only", args.protocols_only or None),
     ):
         if value is not None:
             changes[name] = value
+    if args.protocols_only:
+        changes["parts"] = ("closed",)
     plan = BenchPlan(**{**asdict(plan), **changes})
     extra: dict[str, object] = {}
     for item in args.set:

@@ -538,7 +538,10 @@ def _summary(
 async def _send(conn: HttpConnection, payload: Payload) -> Reply | None:
     try:
         return await conn.request(
-            "POST", "/predict", payload.body, (("Content-Type", payload.content_type),)
+            "POST",
+            payload.path,
+            payload.body,
+            (("Content-Type", payload.content_type), *payload.headers),
         )
     except (HttpError, OSError, TimeoutError):
         return None

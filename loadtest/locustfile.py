@@ -26,6 +26,11 @@ Options (each also an environment variable):
     Pause between a user's requests (default 0).
 ``--api-key`` / ``NACGUARD_LOAD_API_KEY``
     Sent as ``X-API-Key`` when the server has keys configured.
+``--v2-share`` / ``NACGUARD_LOAD_V2_SHARE``
+    Share of requests sent to the Open Inference Protocol's REST route instead
+    (``/v2/models/{model}/infer``, one image in binary tensor data, as ``tritonclient`` sends
+    it; default 0). ``--model`` / ``NACGUARD_LOAD_MODEL`` names the model (the bundle's name,
+    default ``fashion-mnist``).
 
 Requests are named by encoding and size (``/predict [json x4]``) so Locust's table shows each
 kind separately. A 200 answer is checked to hold one prediction per image; 429 and 503 (load
@@ -45,11 +50,13 @@ from locust import FastHttpUser, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtest.protocols import v2_rest_payloads
 from loadtest.workload import ENCODINGS, Payload, build_payloads
 
 __all__ = ["PredictUser"]
 
 _PAYLOADS: list[Payload] = []
+_V2_PAYLOADS: list[Payload] = []
 _OPTIONS = {
     "images_per_request": ("NACGUARD_LOAD_IMAGES", "1,1,1,4"),
     "ood_fraction": ("NACGUARD_LOAD_OOD_FRACTION", "0.2"),
@@ -57,6 +64,8 @@ _OPTIONS = {
     "distinct_images": ("NACGUARD_LOAD_DISTINCT", "0"),
     "think_time_ms": ("NACGUARD_LOAD_THINK_MS", "0"),
     "api_key": ("NACGUARD_LOAD_API_KEY", ""),
+    "v2_share": ("NACGUARD_LOAD_V2_SHARE", "0"),
+    "model": ("NACGUARD_LOAD_MODEL", "fashion-mnist"),
 }
 
 
@@ -94,6 +103,14 @@ def _build_payloads(environment: Any, **_: Any) -> None:
         distinct_images=distinct or None,
         seed=random.SystemRandom().randrange(1 << 30),
     )
+    if float(_option(environment, "v2_share")) > 0:
+        raw = build_payloads(
+            256,
+            ood_fraction=float(_option(environment, "ood_fraction")),
+            encodings=["raw"],
+            seed=random.SystemRandom().randrange(1 << 30),
+        )
+        _V2_PAYLOADS[:] = v2_rest_payloads(raw, _option(environment, "model"))
 
 
 class PredictUser(FastHttpUser):
@@ -109,10 +126,15 @@ class PredictUser(FastHttpUser):
         key = _option(self.environment, "api_key")
         self._auth = {"X-API-Key": key} if key else {}
         self._next = random.randrange(len(_PAYLOADS))
+        self._v2_share = float(_option(self.environment, "v2_share"))
 
     @task
     def predict(self) -> None:
         """Send the next request and check the answer."""
+        if _V2_PAYLOADS and random.random() < self._v2_share:
+            self._infer_v2(_V2_PAYLOADS[self._next % len(_V2_PAYLOADS)])
+            self._next += 1
+            return
         payload = _PAYLOADS[self._next % len(_PAYLOADS)]
         self._next += 1
         with self.client.post(
@@ -132,6 +154,25 @@ class PredictUser(FastHttpUser):
                     response.failure(f"{len(predictions)} predictions for {payload.images} images")
                 else:
                     response.success()
+            elif response.status_code in (429, 503):
+                response.failure(f"{response.status_code} load shed")
+            else:
+                response.failure(f"HTTP {response.status_code}")
+
+    def _infer_v2(self, payload: Payload) -> None:
+        """One v2 REST request; a 200 must carry the outputs' binary tail."""
+        with self.client.post(
+            payload.path,
+            data=payload.body,  # type: ignore[arg-type]
+            headers={"Content-Type": payload.content_type, **dict(payload.headers), **self._auth},
+            name="/v2/models/{model}/infer [binary x1]",
+            catch_response=True,
+        ) as response:
+            if response.status_code == 200:
+                if "inference-header-content-length" in {k.lower() for k in response.headers}:
+                    response.success()
+                else:
+                    response.failure("200 without binary outputs")
             elif response.status_code in (429, 503):
                 response.failure(f"{response.status_code} load shed")
             else:

@@ -42,14 +42,17 @@ _BOUNDARY = "nacguardloadboundary"
 
 @dataclass(frozen=True)
 class Payload:
-    """One ready-to-send ``/predict`` request body.
+    """One ready-to-send request body (``/predict`` unless ``path`` says otherwise).
 
     Attributes:
         body: the encoded body.
         content_type: its ``Content-Type`` header.
         images: images in the request.
         ood: how many of them are generated OOD images.
-        encoding: ``raw``, ``multipart`` or ``json``.
+        encoding: ``raw``, ``multipart`` or ``json`` (the image encoding of the ``/predict``
+            body it was made from, for other protocols' payloads).
+        path: the route it is sent to.
+        headers: further request headers.
     """
 
     body: bytes
@@ -57,6 +60,8 @@ class Payload:
     images: int
     ood: int
     encoding: Encoding
+    path: str = "/predict"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def _png(image: object, size: int) -> bytes:

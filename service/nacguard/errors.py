@@ -13,6 +13,7 @@ __all__ = [
     "InferenceFailed",
     "InvalidRequest",
     "NacguardError",
+    "NotFound",
     "NotReady",
     "Overloaded",
     "PayloadTooLarge",
@@ -49,6 +50,12 @@ class AuthenticationRequired(NacguardError):
     """Missing or wrong API key."""
 
     status, code = 401, "unauthorized"
+
+
+class NotFound(NacguardError):
+    """A model (or model version) the server does not serve."""
+
+    status, code = 404, "not_found"
 
 
 class PayloadTooLarge(NacguardError):

@@ -76,7 +76,9 @@ def start_server(
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NACGUARD_")}
-    env.update(NACGUARD_HOST="127.0.0.1", NACGUARD_PORT=str(port))
+    # gRPC is off unless a test asks for it: servers (and other users') share the machine, and
+    # its default port would collide.
+    env.update(NACGUARD_HOST="127.0.0.1", NACGUARD_PORT=str(port), NACGUARD_GRPC_PORT="0")
     if profile is not None:
         env["NACGUARD_PROFILE"] = str(profile)
     for name, value in {"torch_threads": 1, **settings}.items():

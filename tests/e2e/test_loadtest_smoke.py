@@ -52,6 +52,9 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
         "plain",
         "cache on, repeated images",
         "cache off, repeated images",
+        "/predict, raw images",
+        "v2 REST (binary)",
+        "gRPC",
     }
     assert set(report["closed"]) == expected
     for key, run in report["closed"].items():
@@ -86,6 +89,10 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
         "nac_over_plain",
         "cache_on_over_off",
         "batching_over_no_batching_multi",
+        "v2_rest_over_predict",
+        "grpc_over_predict",
+        "v2_rest_over_predict_raw",
+        "grpc_over_predict_raw",
     }
     # The quick sweep: 1 and 8 clients, each configuration side by side.
     assert [row["clients"] for row in report["sweep_table"]] == [1, 8]
@@ -102,7 +109,9 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
         for config in ("batching", "no-batching", "fixed-wait")
         for clients in (1, 8)
     }
-    assert len(report["targets"]) == 7  # 5 + the sweep's p50 and throughput bounds
+    assert (
+        len(report["targets"]) == 9
+    )  # 5 + the 2 protocol bounds + the sweep's p50 and throughput bounds
     assert all(isinstance(t["met"], bool) for t in report["targets"])
 
     markdown = (out / "bench.md").read_text()
@@ -155,6 +164,8 @@ def test_locust_headless_against_a_real_server(tmp_path: Path) -> None:
                 "5s",
                 "--host",
                 server.url,
+                "--v2-share",
+                "0.5",
                 "--only-summary",
                 "--csv",
                 str(tmp_path / "locust"),
@@ -174,3 +185,4 @@ def test_locust_headless_against_a_real_server(tmp_path: Path) -> None:
     assert int(total["Failure Count"]) == 0
     encodings = {name.split("[")[1].split()[0] for name in rows if name.startswith("/predict [")}
     assert encodings == {"raw", "multipart", "json"}
+    assert int(rows["/v2/models/{model}/infer [binary x1]"]["Request Count"]) > 0

@@ -41,6 +41,7 @@ class _Payload:
 def _serve(profile: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NACGUARD_")}
     env["NACGUARD_PORT"] = str(free_port())
+    env["NACGUARD_GRPC_PORT"] = "0"  # the default port may be taken on a shared machine
     return subprocess.run(
         [sys.executable, "-m", "nacguard.cli", "serve", "--profile", str(profile)],
         capture_output=True,

@@ -298,7 +298,7 @@ def test_broken_profile_exits_1(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "NACGUARD_PORT": str(port)},
+        env={**os.environ, "NACGUARD_PORT": str(port), "NACGUARD_GRPC_PORT": "0"},
     )
     # The listener was up (liveness answered while loading); the load failure stops the server.
     assert result.returncode == 1

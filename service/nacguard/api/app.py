@@ -24,6 +24,7 @@ __all__ = ["create_app"]
 # What a browser page on an allowed origin may send and read (CORS).
 _CORS_REQUEST_HEADERS = [
     "Content-Type",
+    "Inference-Header-Content-Length",
     "Authorization",
     "X-API-Key",
     REQUEST_ID_HEADER,
@@ -36,6 +37,7 @@ _CORS_RESPONSE_HEADERS = [
     "X-Batch-Sizes",
     "X-Cache-Hits",
     "Retry-After",
+    "Inference-Header-Content-Length",
 ]
 
 _DESCRIPTION = """Classifies images and screens each one for out-of-distribution inputs with
@@ -90,6 +92,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handler(app)
     app.include_router(router)
+    # Imported here: the adapter builds on this package's modules (body reading, the service),
+    # which import this one's package first.
+    from nacguard.openinference.rest import router as v2_router
+
+    app.include_router(v2_router)
     exempt = list(settings.auth_exempt_paths)
     keys = load_api_keys(settings)
     if settings.ui_enabled:

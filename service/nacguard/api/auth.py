@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nacguard.errors import AuthenticationRequired
+from nacguard.openinference.errors import is_v2_path
 from nacguard.settings import Settings
 
 from .errors import WWW_AUTHENTICATE, error_response
@@ -173,9 +174,16 @@ def document_api_keys(app: FastAPI, exempt_paths: list[str]) -> None:
         for path, operations in spec.get("paths", {}).items():
             if path in exempt:
                 continue
+            unauthorized = _UNAUTHORIZED
+            if is_v2_path(path):  # the Open Inference Protocol's routes: its error shape
+                schema = {"$ref": "#/components/schemas/V2Error"}
+                unauthorized = {
+                    **_UNAUTHORIZED,
+                    "content": {"application/json": {"schema": schema}},
+                }
             for operation in operations.values():
                 operation["security"] = [{name: []} for name in _SCHEMES]
-                operation.setdefault("responses", {})["401"] = _UNAUTHORIZED
+                operation.setdefault("responses", {})["401"] = unauthorized
         app.openapi_schema = spec
         return spec
 

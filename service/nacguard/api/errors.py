@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from nacguard import errors
+from nacguard.openinference.errors import is_v2_path, rest_status
 
 from .schemas import ErrorResponse
 
@@ -31,6 +32,7 @@ __all__ = [
     "WWW_AUTHENTICATE",
     "error_response",
     "install_error_handler",
+    "rejection_reason",
     "retry_after_header",
 ]
 
@@ -45,9 +47,15 @@ _REASONS: dict[type[errors.NacguardError], str] = {
     errors.InvalidRequest: "bad_input",
     errors.UnsupportedMediaType: "unsupported",
     errors.AuthenticationRequired: "unauthorized",
+    errors.NotFound: "bad_input",
     errors.ShuttingDown: "shutting_down",
     errors.InferenceFailed: "inference_error",
 }
+
+
+def rejection_reason(exc: errors.NacguardError) -> str | None:
+    """The ``nacguard_rejections_total`` reason of a domain error (``None``: not counted)."""
+    return next((r for t, r in _REASONS.items() if isinstance(exc, t)), None)
 
 
 def _describe(text: str) -> dict[str, Any]:
@@ -122,7 +130,7 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
             headers["Retry-After"] = retry
         if isinstance(exc, errors.AuthenticationRequired):
             headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-        reason = next((r for t, r in _REASONS.items() if isinstance(exc, t)), None)
+        reason = rejection_reason(exc)
         if reason is not None:
             _count_rejection(request, reason)
         if status >= 500 and not isinstance(exc, errors.NotReady | errors.ShuttingDown):
@@ -137,7 +145,10 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
     else:
         status, code, message = 500, "internal_error", "internal server error"
         log.error("unhandled %s", type(exc).__name__, exc_info=exc)
-    body = {"error": {"code": code, "message": message}}
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if is_v2_path(request.url.path):
+        # The Open Inference Protocol's routes answer in its own shape (same causes, metrics).
+        status, body = rest_status(status), {"error": message}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

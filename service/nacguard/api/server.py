@@ -4,12 +4,16 @@ uvicorn's own handling of SIGTERM stops accepting connections and waits for open
 readiness would stay green until the very end and requests still queued for a batch would race
 the exit. :class:`DrainingServer` takes over the signal instead:
 
-1. First SIGTERM (or SIGINT): readiness turns 503 and new requests get 503 ``shutting_down`` at
+1. First SIGTERM (or SIGINT): readiness turns 503 (and gRPC health NOT_SERVING) and new requests get 503 ``shutting_down`` at
    once; requests already admitted reach the queue, everything queued is computed without
    waiting for batch-mates, and every accepted request is answered, within ``drain_timeout_s``.
    Only then does uvicorn close its listeners and connections, run the lifespan exit (store,
    runners), and the process exits 0.
 2. A second SIGTERM/SIGINT exits at once (exit status 1).
+
+With ``grpc_port`` set, the Open Inference Protocol's gRPC server
+(:class:`~nacguard.openinference.rpc.RpcServer`) starts once HTTP is up and shares the drain:
+its calls are admitted like HTTP requests, so the service's drain answers them too.
 
 The listener keeps accepting during the drain on purpose: a load balancer that has not yet seen
 readiness fail gets a fast 503 + ``Retry-After`` rather than a refused connection.
@@ -27,6 +31,7 @@ import uvicorn
 
 from nacguard.bundle import BUNDLE_FILE
 from nacguard.errors import BundleError
+from nacguard.openinference.rpc import RpcServer
 from nacguard.serving import Service
 from nacguard.settings import Settings
 
@@ -51,10 +56,17 @@ class DrainingServer(uvicorn.Server):
             drain that timed out.
     """
 
-    def __init__(self, config: uvicorn.Config, service: Service, drain_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        service: Service,
+        drain_timeout_s: float,
+        rpc: RpcServer | None = None,
+    ) -> None:
         super().__init__(config)
         self.service = service
         self.drain_timeout_s = drain_timeout_s
+        self.rpc = rpc
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -67,6 +79,24 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
         if not self.started and self.exit_code == 0:
             self.exit_code = 1
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start HTTP (the lifespan launches the service), then the gRPC server, if any."""
+        await super().startup(sockets)
+        if self.rpc is None or self.should_exit:
+            return
+        try:
+            await self.rpc.start()
+        except RuntimeError as exc:
+            log.error("cannot serve gRPC: %s", exc)
+            self.exit_code = 1
+            self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop gRPC (its calls were answered by the drain), then HTTP and the lifespan."""
+        if self.rpc is not None:
+            await self.rpc.stop(grace=1.0)
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Signal handler: first signal drains, a second one exits at once.
@@ -94,6 +124,8 @@ class DrainingServer(uvicorn.Server):
     async def _drain(self) -> None:
         started = time.monotonic()
         try:
+            if self.rpc is not None:
+                await self.rpc.begin_drain()
             clean = await self.service.drain(self.drain_timeout_s)
         except Exception:
             log.exception("drain failed")
@@ -139,7 +171,9 @@ def serve(settings: Settings) -> int:
         server_header=False,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
-    server = DrainingServer(config, app.state.service, settings.drain_timeout_s)
+    service = app.state.service
+    rpc = RpcServer(service, settings) if settings.grpc_port else None
+    server = DrainingServer(config, service, settings.drain_timeout_s, rpc)
     server.run()
     log.info("exiting with status %d", server.exit_code)
     return server.exit_code
