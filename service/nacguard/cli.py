@@ -160,7 +160,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
             files.append(p)
         else:
             raise ValueError(f"no such file or folder: {p}")
-    images = [decode_image(f.read_bytes(), max_pixels=Settings().max_image_pixels) for f in files]
+    limit = Settings().max_image_pixels
+    images = [decode_image(f.read_bytes(), max_pixels=limit, spec=bundle.preprocess) for f in files]
     preds = bundle.predict(images)
     rows = [
         {"path": str(f), **p.to_dict(top_k=args.top_k)} for f, p in zip(files, preds, strict=True)

@@ -164,7 +164,10 @@ def decode_images(
         where = f"image {positions[k] if positions is not None else k}"
         try:
             image = decode_image(
-                raw.data, max_pixels=limits.max_pixels, allowed_formats=limits.allowed_formats
+                raw.data,
+                max_pixels=limits.max_pixels,
+                allowed_formats=limits.allowed_formats,
+                spec=preprocess,
             )
             fmt = (image.format or "").lower()
             tensor = preprocess(image)

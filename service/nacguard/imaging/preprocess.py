@@ -20,8 +20,15 @@ from PIL import Image, ImageOps
 
 from nacguard.errors import BadImage, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["INTERPOLATIONS", "PRESETS", "PreprocessSpec", "decode_image", "normalize_mode"]
-
+__all__ = [
+    "DECODE_MODES",
+    "INTERPOLATIONS",
+    "PRESETS",
+    "REDUCING_GAP",
+    "PreprocessSpec",
+    "decode_image",
+    "normalize_mode",
+]
 
 #: Resampling filters by name (the names timm and Hugging Face configs use).
 INTERPOLATIONS: dict[str, Image.Resampling] = {
@@ -32,6 +39,14 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+#: How an encoded image is decoded before the resize (the bundle records one):
+#: ``"full"`` decodes every pixel, then resizes (bundles written before the field existed);
+#: ``"scaled"`` lets the decoder shrink a large image first (see :meth:`PreprocessSpec.draft`).
+DECODE_MODES = ("full", "scaled")
+#: In ``"scaled"`` mode a resize first shrinks by whole factors with a box filter while the image
+#: stays at least this many times the target, then resamples with the spec's filter (Pillow's
+#: ``reducing_gap``; 2.0 is what its ``thumbnail`` uses). For formats without decoder scaling.
+REDUCING_GAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,10 @@ class PreprocessSpec:
         mean, std: per-channel normalisation after scaling pixels to [0, 1].
         background: gray level (0-255) that transparent pixels are composited onto.
         interpolation: resampling filter of the resize steps (a key of ``INTERPOLATIONS``).
+        decode: a key of ``DECODE_MODES``. ``"scaled"`` (the default for new specs) decodes a
+            JPEG at the largest DCT scale (1/2, 1/4, 1/8) that still covers the resize target
+            and shrinks other formats with ``REDUCING_GAP``; ``"full"`` (what a record without
+            the field means, so older bundles score as they did) decodes every pixel.
     """
 
     mode: Literal["L", "RGB"] = "RGB"
@@ -55,6 +74,7 @@ class PreprocessSpec:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     background: int = 0
     interpolation: str = "bilinear"
+    decode: str = "scaled"
     _mean_t: torch.Tensor = field(init=False, repr=False, compare=False)
     _std_t: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -66,6 +86,8 @@ class PreprocessSpec:
             raise ValueError(
                 f"unknown interpolation {self.interpolation!r}; use one of {sorted(INTERPOLATIONS)}"
             )
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {self.decode!r}; use one of {DECODE_MODES}")
         object.__setattr__(self, "size", tuple(self.size))
         object.__setattr__(self, "_mean_t", torch.tensor(self.mean).view(-1, 1, 1))
         object.__setattr__(self, "_std_t", torch.tensor(self.std).view(-1, 1, 1))
@@ -95,22 +117,55 @@ class PreprocessSpec:
             std=tuple(d["std"]),
             background=int(d.get("background", 0)),
             interpolation=str(d.get("interpolation", "bilinear")),
+            decode=str(d.get("decode", "full")),
         )
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Preprocess one PIL image into a float32 tensor [C, H, W]."""
-        img = normalize_mode(image, self.mode, self.background)
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) the resize step brings a ``width`` x ``height`` image to (before
+        the crop): the least an image must have for the resize only to shrink it."""
         h, w = self.size
-        resample = INTERPOLATIONS[self.interpolation]
+        if self.resize is None:
+            return w, h
+        scale = self.resize / min(width, height)
+        return max(w, round(width * scale)), max(h, round(height * scale))
+
+    def draft(self, image: Image.Image) -> Image.Image:
+        """Configure a not yet decoded JPEG to decode at the largest reduced DCT scale whose
+        result still covers :meth:`resized_size` in both directions (``"scaled"`` mode only).
+
+        A no-op for ``"full"`` mode, other formats and images already decoded. The target is
+        taken in the EXIF-oriented frame, as the resize sees it. Pillow picks the scale
+        ``s`` in {1, 2, 4, 8} as the largest not above ``min(W // w, H // h)``, so the drafted
+        image (``ceil(W / s)`` x ``ceil(H / s)``) is never smaller than the target.
+
+        Args:
+            image: as returned by ``Image.open`` (header read, pixels not yet decoded).
+        """
+        if self.decode != "scaled" or image.format != "JPEG" or not getattr(image, "tile", None):
+            return image
+        width, height = image.size
+        transposed = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        if transposed:
+            width, height = height, width
+        tw, th = self.resized_size(width, height)
+        image.draft(image.mode, (th, tw) if transposed else (tw, th))
+        return image
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess one PIL image into a float32 tensor [C, H, W].
+
+        An image not yet decoded is decoded here, the way :meth:`draft` says, so a file opened
+        lazily preprocesses exactly as the same bytes do through :func:`decode_image`.
+        """
+        img = normalize_mode(self.draft(image), self.mode, self.background)
+        h, w = self.size
+        gap = REDUCING_GAP if self.decode == "scaled" else None
+        new = self.resized_size(img.width, img.height)
+        if new != img.size:
+            img = img.resize(new, INTERPOLATIONS[self.interpolation], reducing_gap=gap)
         if self.resize is not None:
-            scale = self.resize / min(img.size)
-            new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
-            if new != img.size:
-                img = img.resize(new, resample)
             left, top = (img.width - w) // 2, (img.height - h) // 2
             img = img.crop((left, top, left + w, top + h))
-        elif img.size != (w, h):
-            img = img.resize((w, h), resample)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         t = torch.from_numpy(arr)
         t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
@@ -168,8 +223,12 @@ def decode_image(
     *,
     max_pixels: int,
     allowed_formats: Sequence[str] | None = None,
+    spec: PreprocessSpec | None = None,
 ) -> Image.Image:
     """Decode image bytes, enforcing format and size limits before full decoding.
+
+    With ``spec``, a JPEG is decoded at the reduced scale :meth:`PreprocessSpec.draft` picks
+    (the limits still apply to the size the header declares).
 
     Raises:
         BadImage: not a decodable image.
@@ -194,6 +253,8 @@ def decode_image(
                 raise PayloadTooLarge(
                     f"image is {width}x{height} pixels; the limit is {max_pixels} pixels"
                 )
+            if spec is not None:
+                spec.draft(image)
             image.load()
     except (BadImage, UnsupportedMediaType, PayloadTooLarge):
         raise

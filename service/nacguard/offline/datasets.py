@@ -27,6 +27,7 @@ has labels, uniform otherwise. Sub-sets keep the source's order.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -132,12 +133,9 @@ class PathImages(Sequence[Image.Image]):
     def __getitem__(self, index: int | slice) -> Image.Image | PathImages:
         if isinstance(index, slice):
             return PathImages(self.paths[index])
-        path = self.paths[index]
-        # Decode inside the context manager so the file handle is closed before returning
-        # (a lazily-loaded PIL image would keep it open).
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        # The bytes are read now (no file handle stays open) but decoded only when the image is
+        # preprocessed: a scaled-decoding spec then decodes it as the server decodes an upload.
+        return Image.open(io.BytesIO(self.paths[index].read_bytes()))
 
     def take(self, indices: np.ndarray) -> PathImages:
         """The images at ``indices``, as a new sequence."""
