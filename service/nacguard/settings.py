@@ -156,6 +156,23 @@ class Settings(BaseSettings):
         default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"],
         description="Pillow format names accepted on upload.",
     )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads that decode and preprocess uploads (and split large bodies) off the "
+        "event loop. 0 = the cores this process may use, shared out among worker processes. "
+        "Decoding is CPU-bound and releases the GIL: more threads than cores add no throughput, "
+        "only images in progress, each holding up to max_image_pixels x 3-16 bytes while it "
+        "decodes (docs/imaging.md has the arithmetic).",
+    )
+    gpu_decode: bool = Field(
+        False,
+        description="With a CUDA device: decode JPEG uploads there (nvjpeg, batched across "
+        "concurrent requests; the rest on the CPU). Frees the CPU time decoding takes, the "
+        "bottleneck for camera photos, at a small score difference from CPU decoding (nvjpeg "
+        "decodes every pixel and resizes on the device). Off until loadtest/gpu_bench.py's "
+        "fidelity run has been made on a GPU.",
+    )
 
     # --- security -----------------------------------------------------------------------------
     api_keys: list[str] = Field(

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import functools
 import io
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 
 from nacguard.errors import BadImage, NacguardError
+from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.imaging.preprocess import PreprocessSpec, decode_image
 from nacguard.settings import Settings
 
@@ -43,6 +45,7 @@ __all__ = [
     "cheap_to_decode",
     "cheap_to_parse",
     "decode_images",
+    "decode_pool_size",
 ]
 
 T = TypeVar("T")
@@ -145,6 +148,7 @@ def decode_images(
     preprocess: PreprocessSpec,
     limits: InputLimits,
     positions: Sequence[int] | None = None,
+    gpu: GpuJpegDecoder | None = None,
 ) -> list[DecodedImage]:
     """Decode and preprocess every image, or fail on the first bad one.
 
@@ -153,14 +157,23 @@ def decode_images(
         preprocess: the bundle's preprocessing.
         limits: the request limits.
         positions: each image's index in its request, for error messages (default: 0, 1, ...).
+        gpu: decode the JPEGs it takes on the GPU first (when JPEG is an allowed format); the
+            rest, and every image it hands back, take the CPU path below.
 
     Raises:
         BadImage: an image that does not decode.
         UnsupportedMediaType: a format outside ``allowed_formats``.
         PayloadTooLarge: an image over ``max_image_pixels``.
     """
+    on_gpu: list[torch.Tensor | None] = [None] * len(images)
+    if gpu is not None and "JPEG" in limits.allowed_formats:
+        on_gpu = gpu.decode([raw.data for raw in images], preprocess)
     out: list[DecodedImage] = []
     for k, raw in enumerate(images):
+        done = on_gpu[k]
+        if done is not None:
+            out.append(DecodedImage(tensor=done, content_type="image/jpeg"))
+            continue
         where = f"image {positions[k] if positions is not None else k}"
         try:
             image = decode_image(
@@ -180,17 +193,39 @@ def decode_images(
     return out
 
 
+def decode_pool_size(settings: Settings) -> int:
+    """``decode_threads``, or by default the cores this process may run on divided by the
+    number of worker processes sharing them (at least one thread).
+
+    Decoding is CPU-bound, so threads beyond the cores only add images in progress, and with
+    them memory (each holds its decoded pixels until preprocessed).
+    """
+    if settings.decode_threads:
+        return settings.decode_threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    # The worker-process count, where the settings have one (issue 15's ``workers``).
+    workers = max(1, int(getattr(settings, "workers", 1) or 1))
+    return max(1, cores // workers)
+
+
 class OffLoop:
     """Runs CPU-bound input work inline when it is cheap, else in one thread pool.
 
     A plain executor rather than ``run_in_threadpool``: under load anyio's hop cost about 50 us
     of CPU per call against about 20 us, a visible share of a small request. As with anyio, a
     cancelled caller waits for work already running, so a request's admission covers the work it
-    started. Threads start on demand; the default size (cores + 4, at most 32) as for asyncio's.
+    started. Threads start on demand.
+
+    Args:
+        threads: pool size (see :func:`decode_pool_size`); None: asyncio's default.
     """
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(thread_name_prefix="nacguard-decode")
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="nacguard-decode")
 
     async def run(self, cheap: bool, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``: on the loop when ``cheap``, else in the pool (context variables kept).

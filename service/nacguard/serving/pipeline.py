@@ -28,6 +28,7 @@ from nacguard.imaging.decode import (
     cheap_to_decode,
     decode_images,
 )
+from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.monitoring import Metrics
 from nacguard.serving.admission import Admission
 from nacguard.serving.compute import BatchInfo, ImageResult
@@ -82,6 +83,7 @@ class Pipeline:
     drift: DriftRecorder
     limits: InputLimits
     offloop: OffLoop
+    gpu: GpuJpegDecoder | None = None
 
     async def predict(
         self,
@@ -157,14 +159,17 @@ class Pipeline:
 
     async def _decode(self, images: list[RawImage], positions: list[int]) -> list[DecodedImage]:
         """Decode and preprocess ``images``, inline or in the pool (one hop for all): the
-        policy of :mod:`nacguard.imaging.decode`."""
+        policy of :mod:`nacguard.imaging.decode`; JPEGs on the GPU when it decodes them, never
+        from the event loop)."""
+        cheap = cheap_to_decode(images)
         return await self.offloop.run(
-            cheap_to_decode(images),
+            cheap,
             decode_images,
             images,
             self.bundle.preprocess,
             self.limits,
             positions,
+            None if cheap else self.gpu,
         )
 
     async def _record(self, computed: list[_Computed], request_id: str, *, caching: bool) -> None:

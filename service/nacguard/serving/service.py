@@ -41,7 +41,8 @@ from nacguard.accel import set_torch_flags
 from nacguard.bundle import Bundle, load_bundle
 from nacguard.engine import AdaptiveWait, Batcher, FixedWait, Runner
 from nacguard.errors import BundleError, NotReady, ShuttingDown
-from nacguard.imaging.decode import InputLimits, OffLoop, RawImage
+from nacguard.imaging.decode import InputLimits, OffLoop, RawImage, decode_pool_size
+from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.monitoring import DriftReport, Metrics
 from nacguard.serving.admission import Admission, Gate, wait_until
 from nacguard.serving.compute import DeviceCompute, ImageResult
@@ -73,7 +74,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.limits = InputLimits.from_settings(settings)
-        self.offloop = OffLoop()
+        self.offloop = OffLoop(decode_pool_size(settings))
         self.bundle: Bundle | None = None
         self.metrics: Metrics | None = None
         self.store: Store | None = None
@@ -243,8 +244,12 @@ class Service:
             on_batch=metrics.observe_batch,
         )
         await self.batcher.start()
+        gpu = None
+        if s.gpu_decode and bundle.device.type == "cuda":  # JPEGs decode on the first device
+            gpu = GpuJpegDecoder(bundle.device, max_pixels=s.max_image_pixels)
+            await asyncio.to_thread(gpu.warmup)
         self._pipeline = Pipeline(
-            bundle, self.batcher, store, metrics, drift, self.limits, self.offloop
+            bundle, self.batcher, store, metrics, drift, self.limits, self.offloop, gpu
         )
         # Everything loaded so far (torch, the model, FastAPI, pydantic: ~270k objects) lives as
         # long as the service. Frozen, the collector stops re-scanning it in every full
