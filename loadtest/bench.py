@@ -935,6 +935,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     p.add_argument("--quick", action="store_true", help="tiny durations (smoke test)")
+    p.add_argument(
+        "--workload",
+        choices=("demo", "photos"),
+        default="demo",
+        help="demo: the comparisons above; photos: 3-12 MP JPEGs into ResNet-18 at 224 "
+        "(loadtest/photos_bench.py; uses --out, --quick, --concurrency, --rounds, "
+        "--duration, --set)",
+    )
     p.add_argument("--profile", type=Path, help="bundle directory (default: the demo profile)")
     p.add_argument("--concurrency", type=int, help="closed-loop clients (default 32)")
     p.add_argument("--rounds", type=int, help="interleaved closed-loop rounds (default 3)")
@@ -994,12 +1002,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"--set takes NAME=VALUE, not {item!r}")
         extra[name] = value
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.workload == "photos":
+        return _photos(args, extra)
     report = run_bench(plan, profile=args.profile, extra=extra, log_dir=args.out)
     paths = write_outputs(report, args.out)
     sys.stdout.write(paths["markdown"].read_text())
     log.info(
         "wrote %s in %.0fs", ", ".join(str(p) for p in paths.values()), report["meta"]["wall_s"]
     )
+    return 0
+
+
+def _photos(args: argparse.Namespace, extra: dict[str, object]) -> int:
+    from loadtest.photos_bench import PhotosPlan, run_photos, write_photos
+
+    plan = PhotosPlan.quick() if args.quick else PhotosPlan()
+    changes = {
+        k: v
+        for k, v in (
+            ("concurrency", args.concurrency),
+            ("rounds", args.rounds),
+            ("duration_s", args.duration),
+        )
+        if v is not None
+    }
+    report = run_photos(PhotosPlan(**{**asdict(plan), **changes}), args.out, extra)
+    paths = write_photos(report, args.out)
+    sys.stdout.write(paths["markdown"].read_text())
     return 0
 
 
