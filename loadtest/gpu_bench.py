@@ -15,6 +15,8 @@ on them), bf16 autocast, channels_last, batch 256:
   and the on-device resize/crop/normalise that follows it;
 * score fidelity of bf16 and fp16 against fp32 on the same inputs (random weights and inputs:
   a pessimistic case, see docs/gpu.md);
+* score fidelity of GPU JPEG decoding (``gpu_decode``) against CPU decoding on the demo's
+  validation sets (:mod:`loadtest.gpu_decode_fidelity`);
 * end-to-end server throughput: ``nacguard serve`` on a ResNet-50 bundle built on the fly (in a
   temporary directory, with :func:`nacguard.bundle.save_bundle`), driven with 224x224
   JPEG uploads (raw ``image/jpeg`` bodies) at high concurrency by several load-generator
@@ -480,10 +482,18 @@ def section_server(plan: Plan) -> dict[str, Any]:
     }
 
 
+def section_decode_fidelity(plan: Plan) -> dict[str, Any]:
+    """NAC scores of GPU- against CPU-decoded JPEGs (:mod:`loadtest.gpu_decode_fidelity`)."""
+    from loadtest.gpu_decode_fidelity import decode_fidelity
+
+    return decode_fidelity(plan.device, max(8, plan.fidelity_images // 2))
+
+
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "eager": section_eager,
     "decode": section_decode,
     "fidelity": section_fidelity,
+    "decode_fidelity": section_decode_fidelity,
     "server": section_server,
 }
 
@@ -541,7 +551,7 @@ def run(plan: Plan, *, smoke: bool, skip_server: bool, no_compile: bool) -> dict
         "sections": {},
         "seconds": {},
     }
-    for name in ["eager", "decode", "fidelity", "server", "compiled"]:
+    for name in ["eager", "decode", "fidelity", "decode_fidelity", "server", "compiled"]:
         t0 = time.perf_counter()
         left = deadline - t0
         if name == "compiled":
@@ -625,6 +635,10 @@ def render(result: dict[str, Any]) -> str:
         lines += ["", "| fidelity vs fp32 | correlation | max AUROC delta |", "|---|---|---|"]
         for key, rep in fid.items():
             lines.append(f"| {key} | {rep['correlation']:.5f} | {rep['max_auroc_delta']:.4f} |")
+    if "decode_fidelity" in sec:
+        from loadtest.gpu_decode_fidelity import render as render_decode_fidelity
+
+        lines += render_decode_fidelity(sec["decode_fidelity"])
     srv = sec.get("server", {})
     lines.append("")
     if "images_per_s" in srv:
