@@ -39,6 +39,13 @@ def test_gpu_bench_cpu_smoke(tmp_path: Path) -> None:
     assert sections["decode"]["pil_decode_1_thread"] > 0
     assert sections["decode"]["torchvision_cpu_decoded"] == 8
     assert 0 < sections["fidelity"]["bf16/nac-4"]["correlation"] <= 1
+    fidelity = sections["decode_fidelity"]
+    for key in ("native/full", "native/scaled", "upscaled/full", "upscaled/scaled"):
+        assert fidelity[key]["gpu_decoded"] == 7 * fidelity["per_set"]  # every JPEG taken
+        assert fidelity[key]["score_std"] > 0  # the scores vary, so agreement means something
+    # On CPU both paths decode with libjpeg-turbo: without a resize the scores are identical.
+    assert fidelity["native/full"]["max_abs_diff"] == 0
+    assert 0 < fidelity["upscaled/full"]["correlation"] <= 1
     server = sections["server"]
     assert server["images_per_s"] > 0 and server["errors"] == 0, server
     assert server["exit_status"] == 0
