@@ -7,14 +7,18 @@ A real tiny bundle, a real batcher and runner; the calls an adapter makes: ``lau
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from nacguard.errors import BadImage, NotReady, Overloaded, ShuttingDown
 from nacguard.imaging import RawImage
+from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.serving import Service
 from nacguard.settings import Settings
 from tests.fixtures.bundles import encoded_images
@@ -110,3 +114,28 @@ async def test_drain_refuses_new_work_and_reports_clean(service: Service) -> Non
         service.admit()
     with pytest.raises(ShuttingDown):
         service.check_ready()
+
+
+async def test_gpu_decoder_takes_large_jpegs_only(service: Service) -> None:
+    # The service builds a GpuJpegDecoder on CUDA only; here the same decoder runs on the CPU
+    # (torchvision's libjpeg-turbo) in the pipeline's place, so the routing is what is tested.
+    pipeline = service._pipeline
+    assert pipeline is not None and pipeline.gpu is None  # CPU device: no GPU decoding
+    gpu = pipeline.gpu = GpuJpegDecoder("cpu", max_pixels=service.limits.max_pixels)
+
+    def jpeg(side: int) -> RawImage:
+        pixels = np.random.default_rng(side).integers(0, 256, (side, side), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels, "L").save(buf, format="JPEG", quality=95)
+        return _raw(buf.getvalue())
+
+    for image, expected in ((jpeg(300), 1), (jpeg(28), 1)):  # 300x300: pool; 28x28: inline
+        admission = service.admit()
+        try:
+            outcome = await service.predict(
+                [image], deadline=time.monotonic() + 10, request_id="g", admission=admission
+            )
+        finally:
+            admission.close()
+        assert len(outcome.predictions) == 1
+        assert gpu.decoded == expected and gpu.passed == 0
