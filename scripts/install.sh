@@ -24,3 +24,15 @@ fi
 
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
 python -m pip install -q -e ".[dev,all-models]"
+
+# The kserve package (its InferRequest/InferResponse talk to /v2 in tests/e2e). Not a dev extra:
+# kserve 0.21.0 pins psutil<6 and asks for newer pydantic/orjson/cryptography, so resolving it
+# would downgrade psutil 7 and change packages nacguard runs on. Only its protocol types are used,
+# so kserve goes in without its dependencies, plus the few its `import kserve` needs, held to the
+# versions already installed (constraints from pip freeze) so nothing installed changes.
+constraints="$(mktemp)"
+python -m pip freeze --exclude-editable | grep -v -e ' @ ' -e '^kserve==' >"$constraints"
+python -m pip install -q -c "$constraints" "cloudevents>=1.6.2,<2" "pandas>=2.2,<3" \
+  "grpc-interceptor>=0.15.4,<1" "timing-asgi>=0.3,<1" "tabulate>=0.9,<1" "kubernetes>=23.3"
+python -m pip install -q --no-deps kserve==0.21.0
+rm -f "$constraints"
