@@ -235,3 +235,9 @@ def test_ports_are_published_on_loopback_only(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port} is reachable from the LAN"
+
+
+def test_nacguard_publishes_its_http_and_grpc_ports(compose: dict[str, Any]) -> None:
+    published = {str(p).rsplit(":", 1)[1] for p in compose["services"]["nacguard"]["ports"]}
+    for field in ("port", "grpc_port"):
+        assert str(Settings.model_fields[field].default) in published, field

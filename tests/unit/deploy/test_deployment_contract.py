@@ -82,6 +82,11 @@ def process_problems(objs: list[Obj]) -> list[str]:
     declared = [p["containerPort"] for p in container.get("ports", [])]
     if port not in declared:
         problems.append(f"server listens on {port}, containerPorts are {declared}")
+    grpc_port = int(
+        _arg(args, "--grpc-port") or env.get("NACGUARD_GRPC_PORT") or _setting(env, "grpc_port")
+    )
+    if grpc_port and grpc_port not in declared:
+        problems.append(f"gRPC listens on {grpc_port}, containerPorts are {declared}")
     return problems
 
 
@@ -359,6 +364,12 @@ MUTATIONS: dict[str, tuple[Mutation, str]] = {
     "short startup budget": (
         lambda o: _container(o)["startupProbe"].update(failureThreshold=3, periodSeconds=5),
         "startupProbe allows",
+    ),
+    "gRPC port not declared": (
+        lambda o: _container(o).update(
+            ports=[p for p in _container(o)["ports"] if p["name"] != "grpc"]
+        ),
+        "gRPC listens on 8001",
     ),
     "probe on wrong port": (
         lambda o: _container(o)["readinessProbe"]["httpGet"].update(port=9999),

@@ -175,8 +175,12 @@ def test_server_is_pid_1_in_exec_form(variant: str) -> None:
     cmd = json.loads(final.all("CMD")[-1])
     assert entrypoint + cmd[:3] == ["nacguard", "serve", "--host", "0.0.0.0"]
     assert final.all("STOPSIGNAL") in ([], ["SIGTERM"])
-    port = int(final.env().get("NACGUARD_PORT", Settings.model_fields["port"].default))
-    assert str(port) in final.all("EXPOSE")
+    exposed = " ".join(final.all("EXPOSE")).split()
+    for field in ("port", "grpc_port"):  # HTTP, and gRPC (Open Inference Protocol)
+        port = int(
+            final.env().get(f"NACGUARD_{field.upper()}", Settings.model_fields[field].default)
+        )
+        assert str(port) in exposed, field
 
 
 def test_demo_profile_is_baked_in_where_the_env_points(variant: str) -> None:

@@ -332,3 +332,19 @@ def test_network_policies_let_server_reach_redis_and_nothing_reach_redis_else(
             and "namespaceSelector" not in peer
             for peer in peers
         )
+
+
+def test_server_takes_http_and_grpc_through_service_and_network_policy(objs: list[Obj]) -> None:
+    deploy = one(objs, "Deployment", "nacguard")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    declared = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert declared == {"http": 8000, "grpc": 8001}
+    service_targets = {p["targetPort"] for p in one(objs, "Service", "nacguard")["spec"]["ports"]}
+    assert service_targets == set(declared)
+    policy = next(
+        p
+        for p in find(objs, "NetworkPolicy")
+        if selects(p["spec"]["podSelector"]["matchLabels"], _pod_labels(deploy))
+    )
+    admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert admitted == set(declared)
