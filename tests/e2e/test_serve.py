@@ -21,7 +21,7 @@ from PIL import Image
 
 from nacguard.bundle import load_bundle
 from tests.e2e.server import ServerProcess, free_port, start_server
-from tests.fixtures.bundles import encoded_images
+from tests.fixtures.bundles import TINY_BUNDLE_NAME, encoded_images
 
 PNG = {"Content-Type": "image/png"}
 
@@ -207,6 +207,27 @@ async def test_client_that_leaves_takes_its_images_out_of_the_queue(
     assert re.search(
         r'^nacguard_http_requests_total\{endpoint="/predict".*status="499"\} 1\.0$', text, re.M
     )
+
+
+async def test_v2_client_that_leaves_takes_its_images_out_of_the_queue(
+    batching_server: ServerProcess,
+) -> None:
+    (image,) = encoded_images(1, seed=546)
+    tensor = {"name": "image", "shape": [1], "datatype": "BYTES"}
+    body = {"inputs": [{**tensor, "data": [base64.b64encode(image).decode()]}]}
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=30) as c:
+        async with httpx.AsyncClient(base_url=batching_server.url, timeout=0.5) as impatient:
+            # The image would wait 10 s for batch-mates; the client gives up after 0.5 s.
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post(f"/v2/models/{TINY_BUNDLE_NAME}/infer", json=body)
+        await _poll(c, "/metrics", r"^nacguard_in_flight_images\{.*\} 0\.0$", within=5)
+        text = await _poll(c, "/metrics", r"^nacguard_queue_images\{.*\} 0\.0$", within=1)
+    assert re.search(
+        r'^nacguard_http_requests_total\{endpoint="/v2/models/\{model_name\}/infer".*'
+        r'status="499"\} 1\.0$',
+        text,
+        re.M,
+    ), [line for line in text.splitlines() if "requests_total" in line]
 
 
 # --- SIGTERM -----------------------------------------------------------------------------------

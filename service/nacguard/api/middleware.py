@@ -31,6 +31,9 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Status logged and counted for a client that went away before its answer (nginx's convention).
 CLIENT_CLOSED = 499
+# The routes that queue images, shed before routing when the service is full: /predict and the
+# Open Inference Protocol's infer (with or without a version).
+_SHED_PATHS = re.compile(r"^(/predict|/v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 
 
 def _request_id(scope: Scope) -> str:
@@ -44,7 +47,7 @@ def _request_id(scope: Scope) -> str:
 
 
 def _shed_if_full(scope: Scope) -> None:
-    """Refuse a ``/predict`` request here, before routing, when the service is full.
+    """Refuse a ``/predict`` or v2 infer request here, before routing, when the service is full.
 
     The bound is the service's (:meth:`Service.check_capacity`, which :meth:`Service.admit`
     applies too): checked this early, a rejection skips the framework's routing, dependency and
@@ -63,8 +66,8 @@ def _shed_if_full(scope: Scope) -> None:
 
 class RequestContextMiddleware:
     """Adds the request id, logs one line per request, observes request metrics, sheds
-    ``/predict`` early when the service is full (429), and answers exceptions that escaped the
-    app with the JSON error shape (500)."""
+    ``/predict`` and v2 infer early when the service is full (429), and answers exceptions that
+    escaped the app with the JSON error shape (500)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -90,7 +93,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            if scope["method"] == "POST" and scope["path"] == "/predict":
+            if scope["method"] == "POST" and _SHED_PATHS.match(scope["path"]):
                 _shed_if_full(scope)
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:

@@ -23,6 +23,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response
 
 from nacguard.api.body import read_body
+from nacguard.api.routes import _unless_disconnected
 from nacguard.errors import InvalidRequest
 from nacguard.serving import Service
 
@@ -349,12 +350,16 @@ async def model_version_infer(
             inputs=_inputs(parsed, binary),
             outputs=requested,
         )
-        result = await infer(
-            service,
-            call,
-            admission=admission,
-            timeout_s=_timeout_s(parsed.parameters),
-            trace_id=request.state.request_id,
+        # A client that leaves takes its images out of the queue, as with /predict.
+        result = await _unless_disconnected(
+            request,
+            infer(
+                service,
+                call,
+                admission=admission,
+                timeout_s=_timeout_s(parsed.parameters),
+                trace_id=request.state.request_id,
+            ),
         )
     finally:
         admission.close()

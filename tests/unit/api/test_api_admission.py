@@ -8,6 +8,7 @@ the collector's full collections (which otherwise stalled every thread for 0.1-0
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 from collections.abc import AsyncIterator
 
@@ -80,6 +81,59 @@ async def test_a_full_service_sheds_before_routing_and_validation(make_api: ApiF
             if line.startswith("nacguard_rejections_total{") and 'reason="queue_full"' in line
         ]
         assert len(shed) == 1 and shed[0].endswith(" 1.0")
+
+
+async def test_a_full_service_sheds_v2_infer_before_routing_and_auth(
+    make_api: ApiFactory,
+) -> None:
+    first, second = encoded_images(2, seed=173)
+    release = asyncio.Event()
+    key = "k-0123456789abcdef-admission"
+
+    async def slow_upload() -> AsyncIterator[bytes]:
+        yield first[:10]
+        await release.wait()
+        yield first[10:]
+
+    async with make_api(max_queue_images=1, retry_after_s=2, api_keys=[key]) as api:
+        name = api.service.bundle.name
+        paths = [f"/v2/models/{name}/infer", f"/v2/models/{name}/versions/1/infer"]
+        uploading = asyncio.create_task(
+            api.client.post("/predict", content=slow_upload(), headers={**PNG, "X-API-Key": key})
+        )
+        await until(lambda: api.service.requests_in_progress == 1)
+        # Without a key the route would answer 401, and the body is not even a v2 request (400):
+        # shed first, both infer routes give the protocol's cheap 429.
+        for path in paths:
+            r = await api.client.post(path, content=b"not json")
+            assert r.status_code == 429, r.text
+            assert r.json() == {"error": "too many requests in progress"}
+            assert r.headers["Retry-After"] == "2" and r.headers["X-Request-ID"]
+        # Other v2 routes are not shed.
+        assert (await api.client.get("/v2/health/live")).status_code == 200
+        release.set()
+        assert (await uploading).status_code == 200
+        r = await api.client.post(paths[0], content=b"not json")
+        assert r.status_code == 401, r.text
+        body = {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "data": [base64.b64encode(second).decode()],
+                }
+            ]
+        }
+        r = await api.client.post(paths[1], json=body, headers={"X-API-Key": key})
+        assert r.status_code == 200, r.text
+        metrics = (await api.client.get("/metrics")).text
+        shed = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("nacguard_rejections_total{") and 'reason="queue_full"' in line
+        ]
+        assert len(shed) == 1 and shed[0].endswith(" 2.0")
 
 
 async def test_start_up_objects_are_frozen_while_serving(make_api: ApiFactory) -> None:
