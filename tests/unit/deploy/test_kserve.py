@@ -1,8 +1,8 @@
 """The KServe resources in k8s/kserve: well-formed, and consistent with the server they run.
 
-KServe's own resource schemas ship with the ``kserve`` Python package, which is not installed
-here (it would downgrade installed packages); these checks hold the manifests to what nacguard
-itself defines instead: the container runs ``nacguard serve`` with valid flags, its ports and
+KServe's CRD schemas are not in the ``kserve`` Python package (scripts/install.sh installs it
+for its protocol types); these checks hold the manifests to what nacguard itself defines
+instead: the container runs ``nacguard serve`` with valid flags, its ports and
 probes are the ones the server opens and answers, and the InferenceService uses the runtime.
 """
 
