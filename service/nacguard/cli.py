@@ -82,6 +82,8 @@ def _cmd_profile_build(args: argparse.Namespace) -> int:
         tpr=args.tpr,
         seed=args.seed,
         batch_size=args.batch_size,
+        calibration=args.calibration,
+        min_class_samples=args.min_class_samples,
     )
     cal_source = load_source(args.calibration_data) if args.calibration_data else None
     if len(source) < args.samples + (0 if cal_source else args.calibration_samples):
@@ -95,7 +97,18 @@ def _cmd_profile_build(args: argparse.Namespace) -> int:
     )
     if out is not None:
         print(f"wrote {out}")
+        _print_sanity(json.loads((out / "bundle.json").read_text()).get("sanity"))
     return 0
+
+
+def _print_sanity(sanity: dict[str, Any] | None) -> None:
+    """The profile sanity check in a line (its warnings on stderr)."""
+    from nacguard.offline.summary import sanity_lines
+
+    lines, warnings = sanity_lines(sanity)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"nacguard: warning: {warning}", file=sys.stderr)
 
 
 def _cmd_profile_eval(args: argparse.Namespace) -> int:
@@ -129,51 +142,39 @@ def _cmd_profile_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    cal = info["calibration"] or {}
-    print(f"profile   {info['name']}  (schema {info['schema_version']})")
-    print(f"model     {json.dumps(info['model'])}")
-    print(f"classes   {len(info['classes'])}: {', '.join(info['classes'])}")
-    print(f"input     {json.dumps(info['preprocess'])}")
-    print(f"counted   {info['profile_samples']} InD samples")
-    for layer in info["layers"]:
-        print(
-            f"layer     {layer['name']:<16} N={layer['neurons']:<5} O={layer['saturation']:g} "
-            f"M={layer['n_edges']} beta={layer['beta']:g}"
-        )
-    print(
-        f"threshold {info['threshold']:.6f} at TPR {cal.get('tpr')} on {cal.get('samples')} held-out images"
-    )
+    from nacguard.offline.summary import inspect_lines
+
+    print("\n".join(inspect_lines(info)))
+    _print_sanity(info.get("sanity"))
     return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from nacguard.bundle import load_bundle
     from nacguard.imaging.preprocess import decode_image
-    from nacguard.offline.datasets import is_image_file
+    from nacguard.offline.datasets import image_files
+    from nacguard.offline.summary import score_line
 
-    bundle = load_bundle(args.profile, args.device)
-    files: list[Path] = []
-    for p in map(Path, args.paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ValueError(f"no such file or folder: {p}")
+    bundle = load_bundle(
+        args.profile, args.device, ood_alpha=args.alpha, ood_detector=args.detector
+    )
+    files = image_files(args.paths)
     limit = Settings().max_image_pixels
     images = [decode_image(f.read_bytes(), max_pixels=limit, spec=bundle.preprocess) for f in files]
-    preds = bundle.predict(images)
+    if args.explain:
+        batch = bundle.preprocess.batch(images) if images else None
+        preds = bundle.explain_batch(batch, top=args.explain) if batch is not None else []
+    else:
+        preds = bundle.predict(images)
     rows = [
-        {"path": str(f), **p.to_dict(top_k=args.top_k)} for f, p in zip(files, preds, strict=True)
+        {"path": str(f), **p.to_dict(top_k=args.top_k, explain=bool(args.explain))}
+        for f, p in zip(files, preds, strict=True)
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            flag = "OOD" if r["ood"] else "ok "
-            print(
-                f"{flag} nac={r['nac_score']:.4f} {r['label']:<14} p={r['confidence']:.3f}  {r['path']}"
-            )
+            print(score_line(r, explain=bool(args.explain)))
     return 0
 
 
@@ -277,6 +278,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=1000, help="class-balanced images to count")
     b.add_argument("--calibration-samples", type=int, default=2000, help="held-out images")
     b.add_argument("--tpr", type=float, default=0.95)
+    b.add_argument(
+        "--calibration",
+        choices=["global", "per-class"],
+        default="global",
+        help="one threshold, or one per predicted class with enough held-out images",
+    )
+    b.add_argument(
+        "--min-class-samples",
+        type=int,
+        default=200,
+        help="per-class: fewer held-out images of a class fall back to the global threshold",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--device", default="cpu")
@@ -325,6 +338,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+")
     s.add_argument("--json", action="store_true")
     s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--alpha", type=float, help="flag at p_value < ALPHA (default: threshold)")
+    s.add_argument("--detector", choices=["nac", "fused"], default="nac")
+    s.add_argument(
+        "--explain",
+        type=int,
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="N",
+        help="add per-layer scores and the N (default 5) least covered neurons",
+    )
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=_cmd_score)
 

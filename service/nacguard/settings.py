@@ -82,6 +82,22 @@ class Settings(BaseSettings):
     scoring: bool = Field(
         True, description="Compute NAC scores. Off = plain classification (for comparisons)."
     )
+    ood_alpha: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Flag an image when its conformal p-value is below this (a false-alarm rate "
+        "of at most alpha on InD data exchangeable with the calibration images). Unset: the "
+        "profile's TPR-calibrated threshold (per class where calibrated so). A smaller alpha "
+        "raises fewer false alarms and lets more OOD images through.",
+    )
+    ood_detector: Literal["nac", "fused"] = Field(
+        "nac",
+        description="Whose p-value flags: NAC alone, or the calibrated Fisher fusion of NAC, MSP "
+        "and energy p-values (needs a profile built with their calibration scores; flags at "
+        "ood_alpha, or the threshold's calibration rate when unset). Fusion helps where NAC is "
+        "weak and the logits are not (near-OOD) and costs some far-OOD power.",
+    )
 
     # --- batching -----------------------------------------------------------------------------
     max_batch_size: int = Field(

@@ -89,10 +89,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _prediction_json(outcome: PredictOutcome, top_k: int) -> list[dict[str, Any]]:
+def _prediction_json(
+    outcome: PredictOutcome, top_k: int, explain: bool = False
+) -> list[dict[str, Any]]:
     out = []
     for p in outcome.predictions:
-        item = p.to_dict(top_k=top_k)
+        item = p.to_dict(top_k=top_k, explain=explain)
         if item["nac_score"] != item["nac_score"]:  # NaN (scoring off) is not JSON
             item["nac_score"] = None
         out.append(item)
@@ -136,6 +138,13 @@ async def predict(
         int | None,
         Query(ge=0, le=1000, description="Top classes per prediction (default: server setting)."),
     ] = None,
+    explain: Annotated[
+        bool,
+        Query(
+            description="Add per-layer NAC scores (`layers`), `least_covered_layer` and every "
+            "detector's p-value (`p_values`)."
+        ),
+    ] = False,
     x_timeout_ms: Annotated[
         float | None,
         Header(
@@ -185,7 +194,7 @@ async def predict(
     content = {
         "model": bundle.model_name,
         "profile": bundle.name,
-        "predictions": _prediction_json(outcome, k),
+        "predictions": _prediction_json(outcome, k, explain),
     }
     headers = {
         "X-Queue-Time-Ms": f"{outcome.queue_s * 1000:.3f}",

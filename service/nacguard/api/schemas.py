@@ -72,9 +72,32 @@ class PredictionOut(BaseModel):
         description="NAC-UE score in [0, 1]; higher = more in-distribution. "
         "Null when the server runs with scoring off."
     )
-    ood: bool = Field(description="nac_score < threshold: the image looks out-of-distribution.")
-    threshold: float = Field(description="The profile's calibrated OOD threshold.")
+    p_value: float | None = Field(
+        description="Conformal p-value in (0, 1]: the share of held-out InD calibration images "
+        "scoring at or below this one (plus one, over n + 1). Small = unusual. Null when not "
+        "scored."
+    )
+    ood: bool = Field(
+        description="The image looks out-of-distribution: nac_score < threshold, or "
+        "p_value < alpha when the server flags by alpha."
+    )
+    threshold: float | None = Field(
+        description="The NAC threshold that applied (the predicted class's under per-class "
+        "calibration); null under the fused detector."
+    )
     top_k: list[TopKEntry] = Field(description="Most probable classes, most probable first.")
+    layers: dict[str, float] | None = Field(
+        None,
+        description="explain=true: per-layer NAC scores (their mean is nac_score).",
+    )
+    least_covered_layer: str | None = Field(
+        None, description="explain=true: the layer with the lowest per-layer score."
+    )
+    p_values: dict[str, float] | None = Field(
+        None,
+        description="explain=true: every detector's p-value (nac, and with a profile that "
+        "stores them msp, energy, fused).",
+    )
 
 
 class PredictResponse(BaseModel):
@@ -127,8 +150,9 @@ class ProfileOut(BaseModel):
     classes: list[str]
     preprocess: dict[str, Any]
     layers: list[dict[str, Any]]
-    threshold: float
+    threshold: float | None
     calibration: dict[str, Any] | None
+    sanity: dict[str, Any] | None = None
 
 
 class DriftOut(BaseModel):

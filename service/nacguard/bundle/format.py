@@ -8,6 +8,10 @@ classifier.
     model.safetensors   the classifier's weights
     nac.safetensors     per layer ``<name>.edges`` (float32 [M]) and ``<name>.counts``
                         (int64 [M-1, N]); ``calibration.scores`` (sorted held-out InD scores)
+                        and, in bundles built with p-values, ``calibration.msp``,
+                        ``calibration.energy`` (sorted baseline scores of the same images) and
+                        ``calibration.fused`` (their sorted Fisher statistics); older bundles
+                        load without them (no baseline p-values, no fused detector)
 
 Nothing is pickled. The weights' and tables' sha256 are checked on load.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,8 +75,13 @@ def save_bundle(
     profile: NacProfile,
     calibration: Calibration | None,
     provenance: dict[str, Any] | None = None,
+    sanity: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a bundle directory (created if needed) and return its path."""
+    """Write a bundle directory (created if needed) and return its path.
+
+    ``sanity`` is the build's profile sanity report
+    (:meth:`~nacguard.nac.sanity.SanityReport.to_dict`), kept in bundle.json.
+    """
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if not _same_tensors(out / MODEL_FILE, state):
@@ -83,9 +93,17 @@ def save_bundle(
         tensors[f"{lp.name}.edges"] = lp.edges.cpu().float().contiguous()
         tensors[f"{lp.name}.counts"] = lp.counts.cpu().to(torch.int64).contiguous()
     if calibration is not None:
-        tensors["calibration.scores"] = torch.from_numpy(
-            np.sort(calibration.scores).astype(np.float32)
-        )
+        stored = {
+            "scores": calibration.scores,
+            "msp": calibration.msp,
+            "energy": calibration.energy,
+            "fused": calibration.fused,
+        }
+        for key, values in stored.items():
+            if values is not None:
+                # fused statistics are sums of logs: float64, so their ties stay ties
+                dtype = np.float64 if key == "fused" else np.float32
+                tensors[f"calibration.{key}"] = torch.from_numpy(np.sort(values).astype(dtype))
     save_file(tensors, str(out / NAC_FILE))
     meta = {
         "schema_version": SCHEMA_VERSION,
@@ -102,12 +120,18 @@ def save_bundle(
             "layers": [lp.config.to_dict() for lp in profile.layers],
         },
         "calibration": (
-            {k: v for k, v in calibration.summary().items() if k != "score_quantiles"}
+            {
+                k: v
+                for k, v in calibration.summary().items()
+                if k not in {"score_quantiles", "alpha", "detector"}
+            }
             if calibration
             else None
         ),
         "provenance": provenance or {},
     }
+    if sanity is not None:
+        meta["sanity"] = sanity
     (out / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -150,6 +174,40 @@ def _checked(path: Path, entry: dict[str, Any], key: str) -> Path:
     return file
 
 
+def _calibration(
+    cal_meta: dict[str, Any] | None,
+    tables: dict[str, torch.Tensor],
+    alpha: float | None,
+    detector: str,
+) -> Calibration | None:
+    if not cal_meta:
+        return None
+
+    def stored(key: str) -> np.ndarray | None:
+        t = tables.get(f"calibration.{key}")
+        return None if t is None else t.numpy().astype(np.float64)
+
+    per_class = cal_meta.get("class_thresholds")
+    try:
+        return Calibration(
+            tpr=float(cal_meta["tpr"]),
+            threshold=float(cal_meta["threshold"]),
+            scores=tables["calibration.scores"].numpy().astype(np.float64),
+            source=str(cal_meta.get("source", "")),
+            msp=stored("msp"),
+            energy=stored("energy"),
+            fused=stored("fused"),
+            class_thresholds=(
+                tuple(math.nan if t is None else float(t) for t in per_class) if per_class else None
+            ),
+            class_samples=tuple(int(n) for n in cal_meta.get("class_samples", ())) or None,
+            alpha=alpha,
+            detector=detector,
+        )
+    except ValueError as exc:  # the decision rule refused these settings: say which
+        raise BundleError(str(exc)) from None
+
+
 def load_bundle(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -159,6 +217,8 @@ def load_bundle(
     compile: bool | CompileConfig = False,
     compile_mode: str | None = None,
     batch_buckets: Iterable[int] = (),
+    ood_alpha: float | None = None,
+    ood_detector: str = "nac",
 ) -> Bundle:
     """Load a profile bundle onto a device (call once per device; bundles share nothing).
 
@@ -170,6 +230,9 @@ def load_bundle(
         compile: torch.compile the forward and NAC paths (falls back to eager on failure).
         compile_mode: torch.compile mode: None/"default", "reduce-overhead" (CUDA graphs), ...
         batch_buckets: pad batches up to these sizes (warm them with :meth:`Bundle.warmup`).
+        ood_alpha: flag images whose p-value is below it (None: the calibrated threshold).
+        ood_detector: "nac", or "fused" (the calibrated Fisher fusion of NAC, MSP and energy
+            p-values; needs a bundle that stores their calibration scores).
 
     Raises:
         BundleError: missing files, bad schema, failed sha256 check, or a model/profile mismatch.
@@ -193,17 +256,7 @@ def load_bundle(
                 )
             )
         profile = NacProfile(tuple(layers), int(meta["nac"]["samples"]))
-        cal_meta = meta.get("calibration")
-        calibration = (
-            Calibration(
-                tpr=float(cal_meta["tpr"]),
-                threshold=float(cal_meta["threshold"]),
-                scores=tables["calibration.scores"].numpy().astype(np.float64),
-                source=str(cal_meta.get("source", "")),
-            )
-            if cal_meta
-            else None
-        )
+        calibration = _calibration(meta.get("calibration"), tables, ood_alpha, ood_detector)
         return Bundle(
             path=path,
             meta=meta,

@@ -33,6 +33,8 @@ from nacguard.bundle.refs import model_name
 from nacguard.bundle.types import Prediction, WarmupReport
 from nacguard.imaging.preprocess import PreprocessSpec
 from nacguard.nac import Calibration, LayerProfile, NacProfile, NacScorer, ScoreBatch
+from nacguard.nac.decision import Decision
+from nacguard.nac.explain import UncoveredNeuron, uncovered_neurons
 
 __all__ = ["PRECISIONS", "Bundle"]
 
@@ -98,6 +100,7 @@ class Bundle:
         self.scorer = NacScorer(
             self.model, profile, device=device, autocast_dtype=self.autocast_dtype
         )
+        self._layer_names = tuple(lp.name for lp in profile.layers)
         self._stager = HostStager(device)
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
         self.accel: AcceleratedPaths | None = None
@@ -143,13 +146,14 @@ class Bundle:
 
     @property
     def threshold(self) -> float:
-        """OOD threshold (NaN for an uncalibrated profile)."""
-        return self.calibration.threshold if self.calibration else math.nan
+        """OOD threshold on the NAC score (NaN for an uncalibrated profile or the fused
+        detector; with ``alpha`` set, the score threshold equivalent to ``p < alpha``)."""
+        return self.calibration.decision_threshold if self.calibration else math.nan
 
-    def is_ood(self, score: float) -> bool:
-        """The OOD flag for a NAC score (:meth:`Calibration.is_ood`; never for an uncalibrated
-        profile)."""
-        return self.calibration is not None and self.calibration.is_ood(score)
+    def is_ood(self, score: float, class_index: int = -1) -> bool:
+        """The NAC detector's OOD flag for a score (:meth:`Calibration.is_ood`; never for an
+        uncalibrated profile). Predictions use :meth:`Calibration.decide`."""
+        return self.calibration is not None and self.calibration.is_ood(score, class_index)
 
     @property
     def layers(self) -> tuple[LayerProfile, ...]:
@@ -183,22 +187,67 @@ class Bundle:
         with torch.inference_mode():
             return torch.softmax(logits.float(), dim=1).cpu()
 
-    def _table(self, x: torch.Tensor, scoring: bool) -> torch.Tensor:
-        """[B, C + 3] on the device: probabilities, NAC, MSP, energy (NaN when not scoring).
+    def _table(self, x: torch.Tensor, scoring: bool, per_layer: bool) -> torch.Tensor:
+        """[B, C + 3 (+ L)] on the device: probabilities, NAC, MSP, energy (NaN when not
+        scoring), then the per-layer NAC scores when ``per_layer``.
 
         One tensor, so the results cross to the host in one copy.
         """
+        extra_columns = 3 + (len(self.profile.layers) if per_layer else 0)
         if not scoring:
             logits = self._logits(x)
             with torch.inference_mode():
                 probs = torch.softmax(logits.float(), dim=1)
-                return torch.cat([probs, probs.new_full((probs.shape[0], 3), math.nan)], dim=1)
+                nan = probs.new_full((probs.shape[0], extra_columns), math.nan)
+                return torch.cat([probs, nan], dim=1)
         result = self.scorer(x)
         with torch.inference_mode():
-            extra = torch.stack([result.nac, result.msp, result.energy], dim=1)
+            parts = [result.nac[:, None], result.msp[:, None], result.energy[:, None]]
+            if per_layer:
+                parts.append(result.layer_nac)
+            extra = torch.cat(parts, dim=1)
             return torch.cat([result.probs, extra.to(result.probs.dtype)], dim=1)
 
-    def predict_batch(self, x: torch.Tensor, *, scoring: bool = True) -> list[Prediction]:
+    def prediction(
+        self,
+        probabilities: list[float],
+        nac: float,
+        msp: float,
+        energy: float,
+        layer_scores: Sequence[float] = (),
+        uncovered: Sequence[UncoveredNeuron] = (),
+    ) -> Prediction:
+        """One image's prediction from its computed numbers (also rebuilds cached results):
+        the class comes from here, the p-values and the OOD flag from
+        :meth:`Calibration.decide`."""
+        classes = self.classes
+        idx = max(range(len(probabilities)), key=probabilities.__getitem__)
+        cal = self.calibration
+        if cal is None:
+            decision = Decision(False, math.nan, math.nan, {})
+        else:
+            decision = cal.decide(nac, msp, energy, idx)
+        return Prediction(
+            class_index=idx,
+            label=classes[idx],
+            confidence=probabilities[idx],
+            nac_score=nac,
+            ood=decision.ood,
+            threshold=decision.threshold,
+            msp=msp,
+            energy=energy,
+            probabilities=probabilities,
+            classes=classes,
+            p_value=decision.p_value,
+            p_values=decision.p_values,
+            layer_scores=tuple(layer_scores),
+            layer_names=self._layer_names,
+            uncovered=tuple(uncovered),
+        )
+
+    def predict_batch(
+        self, x: torch.Tensor, *, scoring: bool = True, per_layer: bool = True
+    ) -> list[Prediction]:
         """Predictions for a preprocessed batch [B, C, H, W].
 
         With ``batch_buckets`` the batch is padded with zero images to the next bucket (cut into
@@ -208,42 +257,36 @@ class Bundle:
         Args:
             x: the batch (any device; moved to the bundle's).
             scoring: False = plain classification; NAC fields are NaN and ``ood`` False.
+            per_layer: keep the per-layer scores (``Prediction.layers``, what ``explain``
+                shows). They are computed anyway (the score is their mean); False only drops
+                the L extra columns, for comparisons.
         """
         parts = []
         for chunk in plan_chunks(int(x.shape[0]), self.batch_buckets):
             xs = self._input(x[chunk.start : chunk.stop], chunk.size)
-            parts.append(self._table(xs, scoring)[: chunk.rows])
+            parts.append(self._table(xs, scoring, per_layer)[: chunk.rows])
         if not parts:
             return []
         table = (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()
-        n_classes = table.shape[1] - 3
         # One tolist() for the whole table: indexing a tensor per image and field (float(t[i]))
         # costs microseconds each, a visible share of a small model's per-image time.
         rows = table.tolist()
-        threshold = self.threshold
-        is_ood = self.is_ood
-        classes = self.classes
-        columns = range(n_classes)
-        out = []
-        for row in rows:
-            probs = row[:n_classes]
-            idx = max(columns, key=probs.__getitem__)
-            score = row[n_classes]
-            out.append(
-                Prediction(
-                    class_index=idx,
-                    label=classes[idx],
-                    confidence=probs[idx],
-                    nac_score=score,
-                    ood=is_ood(score),
-                    threshold=threshold,
-                    msp=row[n_classes + 1],
-                    energy=row[n_classes + 2],
-                    probabilities=probs,
-                    classes=classes,
-                )
+        make = self.prediction
+        c = len(self.classes)
+        return [make(row[:c], row[c], row[c + 1], row[c + 2], row[c + 3 :]) for row in rows]
+
+    def explain_batch(self, x: torch.Tensor, top: int = 5) -> list[Prediction]:
+        """Predictions with the ``top`` least covered neurons of each image (``uncovered``):
+        one more state pass than :meth:`predict_batch`, so not for the serving hot path."""
+        predictions = self.predict_batch(x)
+        states = self.scorer.extractor(self._input(x)).states
+        neurons = uncovered_neurons(states, self.scorer.tables, top)
+        return [
+            self.prediction(
+                p.probabilities, p.nac_score, p.msp, p.energy, p.layer_scores, uncovered=u
             )
-        return out
+            for p, u in zip(predictions, neurons, strict=True)
+        ]
 
     def warmup_sizes(self, max_batch_size: int) -> list[int]:
         """Batch sizes :meth:`warmup` runs: every bucket a batch of at most ``max_batch_size``
@@ -319,8 +362,9 @@ class Bundle:
                 {**lp.config.to_dict(), "neurons": lp.neurons} for lp in self.profile.layers
             ],
             "profile_samples": self.profile.samples,
-            "threshold": self.threshold,
+            "threshold": self.threshold if math.isfinite(self.threshold) else None,
             "calibration": self.calibration.summary() if self.calibration else None,
+            "sanity": self.meta.get("sanity"),
             "device": str(self.device),
             "precision": self.precision,
             "acceleration": {

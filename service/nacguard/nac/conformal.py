@@ -37,6 +37,7 @@ __all__ = [
     "false_alarms",
     "fisher_statistic",
     "fuse",
+    "fused_calibration",
     "min_p_statistic",
     "p_value",
     "p_values",
@@ -143,6 +144,17 @@ def fuse(
     stat = FUSIONS[method]
     cal_stats = np.sort(stat(calibration_p))
     return cal_stats, p_values(cal_stats, stat(p))
+
+
+def fused_calibration(columns: Sequence[np.ndarray], method: str = "fisher") -> np.ndarray:
+    """Sorted fused statistics of the calibration images, from their per-detector scores.
+
+    Args:
+        columns: per detector, the calibration images' scores, aligned (same image order).
+        method: "fisher" or "min".
+    """
+    cal_p = np.stack([self_p_values(np.asarray(c)) for c in columns], axis=-1)
+    return np.sort(FUSIONS[method](cal_p))
 
 
 @dataclass(frozen=True)

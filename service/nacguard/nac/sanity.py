@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from nacguard.nac.conformal import FalseAlarm, false_alarms, p_values
-from nacguard.nac.evaluation import auroc
+from nacguard.nac.detection import auroc
 
 __all__ = ["MEMORISATION_AUROC", "SanityReport", "sanity_check"]
 

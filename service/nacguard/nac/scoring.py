@@ -71,7 +71,8 @@ class NacScorer:
         self.states_fn: Callable[[torch.Tensor], ForwardStates] = states_fn or self.extractor
         self._fp32: StateExtractor | None = None
         self._warned_overflow = False
-        self._tables = [
+        #: per layer (name, edges, padded coverage table), in profile order
+        self.tables = [
             (lp.name, lp.edges, padded_table(lp.coverage())) for lp in self.profile.layers
         ]
 
@@ -101,7 +102,7 @@ class NacScorer:
             per_layer = torch.stack(
                 [
                     layer_scores(result.states[name], edges, table)
-                    for name, edges, table in self._tables
+                    for name, edges, table in self.tables
                 ],
                 dim=1,
             )

@@ -24,6 +24,9 @@ from tqdm import tqdm
 from nacguard.bundle import Calibration, save_bundle
 from nacguard.imaging.preprocess import PreprocessSpec
 from nacguard.nac import LayerConfig, NacProfile, NacScorer, ProfileBuilder, threshold_at_tpr
+from nacguard.nac.calibration import class_thresholds
+from nacguard.nac.conformal import fused_calibration
+from nacguard.nac.sanity import SanityReport, sanity_check
 from nacguard.offline.datasets import ImageSource, class_balanced_indices
 
 __all__ = ["BuildPlan", "batches", "build_bundle", "split_indices"]
@@ -45,6 +48,10 @@ class BuildPlan:
     tpr: float = 0.95
     seed: int = 0
     batch_size: int = 128
+    #: "global" (one threshold) or "per-class" (one per predicted class with at least
+    #: ``min_class_samples`` held-out images, the global one for the others)
+    calibration: str = "global"
+    min_class_samples: int = 200
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,6 +120,45 @@ def _gather_scores(scores: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _score_columns(
+    scorer: NacScorer,
+    images: Sequence[Image.Image],
+    plan: BuildPlan,
+    device: torch.device,
+    desc: str,
+) -> np.ndarray:
+    """[n, 4] NAC, MSP, energy and predicted class of each image (gathered over ranks)."""
+    parts = []
+    for x in batches(images, plan.preprocess, plan.batch_size, desc):
+        r = scorer(x.to(device))
+        cls = r.logits.argmax(dim=1).to(r.nac.dtype)
+        parts.append(torch.stack([r.nac, r.msp, r.energy, cls], dim=1).cpu().numpy())
+    local = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, 4))
+    return _gather_scores(local)
+
+
+def _calibrate(plan: BuildPlan, columns: np.ndarray, source: str) -> Calibration:
+    nac, msp, energy, predicted = columns.T
+    per_class: tuple[tuple[float, ...] | None, tuple[int, ...] | None] = (None, None)
+    if plan.calibration == "per-class":
+        per_class = class_thresholds(
+            nac, predicted.astype(int), len(plan.classes), plan.tpr, plan.min_class_samples
+        )
+    elif plan.calibration != "global":
+        raise ValueError(f"calibration must be 'global' or 'per-class', not {plan.calibration!r}")
+    return Calibration(
+        tpr=plan.tpr,
+        threshold=threshold_at_tpr(nac, plan.tpr),
+        scores=np.sort(nac),
+        source=source,
+        msp=np.sort(msp),
+        energy=np.sort(energy),
+        fused=fused_calibration([nac, msp, energy]),
+        class_thresholds=per_class[0],
+        class_samples=per_class[1],
+    )
+
+
 def build_bundle(
     plan: BuildPlan,
     model: nn.Module,
@@ -159,19 +205,18 @@ def build_bundle(
         profile = _reduce(builder.profile(), device)
         scorer = NacScorer(model, profile, device=device)
         cal_images = [cal_source.images[int(i)] for i in shard_cal]
-        parts = [
-            scorer(x.to(device)).nac.cpu().numpy()
-            for x in batches(cal_images, prep, bs, "calibrating" if show else "")
-        ]
-        scores = _gather_scores(np.concatenate(parts) if parts else np.zeros(0))
+        columns = _score_columns(scorer, cal_images, plan, device, "calibrating" if show else "")
+        # The sanity check re-scores the counted images: does the profile know them better
+        # than held-out InD images?
+        counted = _score_columns(scorer, count_images, plan, device, "checking" if show else "")
         if rank != 0:
             return None
-        calibration = Calibration(
-            tpr=plan.tpr,
-            threshold=threshold_at_tpr(scores, plan.tpr),
-            scores=np.sort(scores),
-            source=f"{cal_source.name} ({len(cal_idx)} images, none of them counted)",
+        calibration = _calibrate(
+            plan, columns, f"{cal_source.name} ({len(cal_idx)} images, none of them counted)"
         )
+        sanity: SanityReport = sanity_check(counted[:, 0], columns[:, 0])
+        for warning in sanity.warnings:
+            log.warning("profile sanity check: %s", warning)
         provenance = {
             "data": source.name,
             "seed": plan.seed,
@@ -190,6 +235,7 @@ def build_bundle(
             profile=profile,
             calibration=calibration,
             provenance=provenance,
+            sanity=sanity.to_dict(),
         )
     finally:
         if owns_group:

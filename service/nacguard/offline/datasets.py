@@ -66,6 +66,7 @@ __all__ = [
     "class_balanced_indices",
     "fashion_mnist_dir",
     "fashion_mnist_holdout_split",
+    "image_files",
     "is_image_file",
     "load_fashion_mnist",
     "load_source",
@@ -294,6 +295,23 @@ def is_image_file(path: Path) -> bool:
     return (
         path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
     )
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and the image files under folders (sorted), in order.
+
+    Raises:
+        ValueError: a path that is neither a file nor a folder.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ValueError(f"no such file or folder: {p}")
+    return files
 
 
 def _folder_source(root: Path, spec: str) -> ImageSource:

@@ -105,8 +105,7 @@ class Pipeline:
                 i: p
                 for i, v in enumerate(cached)
                 if v
-                and (p := decode_prediction(v, bundle.classes, bundle.threshold, bundle.is_ood))
-                is not None
+                and (p := decode_prediction(v, len(bundle.classes), bundle.prediction)) is not None
             }
         misses = [i for i in range(len(images)) if i not in hits]
         decoded = await self._decode([images[i] for i in misses], misses) if misses else []

@@ -184,6 +184,8 @@ class Service:
                     compile=s.compile,
                     compile_mode=s.compile_mode,
                     batch_buckets=s.batch_buckets,
+                    ood_alpha=s.ood_alpha,
+                    ood_detector=s.ood_detector,
                 )
             )
         if bundles[0].calibration is None:

@@ -15,7 +15,16 @@ from nacguard.bundle import load_bundle
 from tests.fixtures.api import PNG, Api, ApiFactory, multipart
 from tests.fixtures.bundles import encoded_images
 
-PREDICTION_KEYS = {"label", "class_index", "confidence", "nac_score", "ood", "threshold", "top_k"}
+PREDICTION_KEYS = {
+    "label",
+    "class_index",
+    "confidence",
+    "nac_score",
+    "p_value",
+    "ood",
+    "threshold",
+    "top_k",
+}
 
 
 def _expected(bundle_dir: Path, images: list[bytes]) -> list[dict]:
@@ -24,7 +33,15 @@ def _expected(bundle_dir: Path, images: list[bytes]) -> list[dict]:
     out = []
     for data in images:
         (p,) = bundle.predict([Image.open(io.BytesIO(data))])
-        out.append({"label": p.label, "nac_score": p.nac_score, "ood": p.ood, "conf": p.confidence})
+        out.append(
+            {
+                "label": p.label,
+                "nac_score": p.nac_score,
+                "ood": p.ood,
+                "conf": p.confidence,
+                "p_value": p.p_value,
+            }
+        )
     return out
 
 
@@ -37,6 +54,7 @@ def _assert_matches(predictions: list[dict], expected: list[dict]) -> None:
         assert got["confidence"] == pytest.approx(want["conf"], abs=1e-6)
         assert got["ood"] == want["ood"]
         assert got["ood"] == (got["nac_score"] < got["threshold"])
+        assert got["p_value"] == pytest.approx(want["p_value"], abs=1e-12)
 
 
 async def test_raw_png_body(api: Api, tiny_bundle: Path) -> None:

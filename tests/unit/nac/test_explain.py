@@ -31,14 +31,14 @@ def test_uncovered_neurons_are_the_lowest_lookups() -> None:
     scorer = _scorer()
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 3
     states = scorer.extractor(x).states
-    top = uncovered_neurons(states, scorer._tables, top=5)
+    top = uncovered_neurons(states, scorer.tables, top=5)
     assert len(top) == 4 and all(len(t) == 5 for t in top)
     for row, neurons in enumerate(top):
         covs = [n.coverage for n in neurons]
         assert covs == sorted(covs)
         # every listed neuron's coverage is what the table says at its state's bin
         for n in neurons:
-            name, edges, table = next(t for t in scorer._tables if t[0] == n.layer)
+            name, edges, table = next(t for t in scorer.tables if t[0] == n.layer)
             pos = int(bin_positions(states[name][row : row + 1], edges)[0, n.index])
             assert float(table[pos, n.index]) == n.coverage
             assert n.bin == (pos - 1 if 0 < pos < edges.numel() else -1)
@@ -46,7 +46,7 @@ def test_uncovered_neurons_are_the_lowest_lookups() -> None:
         everything = torch.cat(
             [
                 torch.gather(t, 0, bin_positions(states[name][row : row + 1], e))[0]
-                for name, e, t in scorer._tables
+                for name, e, t in scorer.tables
             ]
         )
         assert float(everything.min()) == covs[0]
