@@ -127,7 +127,12 @@ def _cmd_profile_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--ood: the name {name!r} is given twice")
         oods[name] = load_source(spec, limit=args.limit, seed=args.seed)
     result = evaluate(bundle, ind, oods, batch_size=args.batch_size, progress=sys.stderr.isatty())
-    print(result.table())
+    from nacguard.offline.summary import eval_lines
+
+    lines, warnings = eval_lines(result)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"nacguard: warning: {warning}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if args.report:
@@ -284,12 +289,8 @@ def _parser() -> argparse.ArgumentParser:
         default="global",
         help="one threshold, or one per predicted class with enough held-out images",
     )
-    b.add_argument(
-        "--min-class-samples",
-        type=int,
-        default=200,
-        help="per-class: fewer held-out images of a class fall back to the global threshold",
-    )
+    b.add_argument("--min-class-samples", type=int, default=200,
+                   help="per-class: a class with fewer held-out images uses the global one")  # fmt: skip
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--device", default="cpu")
@@ -340,15 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=3)
     s.add_argument("--alpha", type=float, help="flag at p_value < ALPHA (default: threshold)")
     s.add_argument("--detector", choices=["nac", "fused"], default="nac")
-    s.add_argument(
-        "--explain",
-        type=int,
-        nargs="?",
-        const=5,
-        default=0,
-        metavar="N",
-        help="add per-layer scores and the N (default 5) least covered neurons",
-    )
+    s.add_argument("--explain", type=int, nargs="?", const=5, default=0, metavar="N",
+                   help="add per-layer scores and the N (default 5) least covered neurons")  # fmt: skip
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=_cmd_score)
 

@@ -52,10 +52,13 @@ def test_build_inspect_eval_score(
     assert meta["classes"] == ["bright", "dark", "mid"]
     assert meta["provenance"]["profile_samples"] == 60
     assert meta["provenance"]["calibration_samples"] == 45
+    assert meta["sanity"]["counted"] == 60 and meta["sanity"]["held_out"] == 45
+    assert "sanity    " in capsys.readouterr().out
 
     assert main(["profile", "inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "block2" in text and "avgpool" in text and "threshold" in text
+    assert "p-values  NAC, MSP, energy and fused" in text and "sanity    " in text
 
     ood = data.parent / next(p.name for p in data.parent.iterdir() if p.name.startswith("ood"))
     report = tmp_path / "report"
@@ -63,8 +66,13 @@ def test_build_inspect_eval_score(
     rc = main(["profile", "eval", "--profile", str(out), "--ind", str(data),
                "--ood", f"checker={ood}", "--json", str(js), "--report", str(report)])  # fmt: skip
     assert rc == 0
-    metrics = json.loads(js.read_text())["methods"]
-    assert set(metrics) == {"nac", "msp", "energy"}
+    evaluated = json.loads(js.read_text())
+    metrics = evaluated["methods"]
+    assert set(metrics) == {"nac", "msp", "energy", "fused", "min_p"}
+    alphas = [f["alpha"] for f in evaluated["false_alarms"]]
+    assert alphas == [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    assert all(f["total"] == 120 for f in evaluated["false_alarms"])  # every InD image
+    assert evaluated["sanity"]["counted"] == 60
     for m in metrics.values():
         assert 0.0 <= m["checker"]["auroc"] <= 1.0 and set(m["checker"]) == {
             "auroc",
@@ -72,11 +80,43 @@ def test_build_inspect_eval_score(
             "aupr",
         }
     assert (report / "report.md").is_file() and (report / "checker.png").stat().st_size > 1000
+    assert (report / "reliability.png").stat().st_size > 1000
+    assert "False alarms on" in (report / "report.md").read_text()
     capsys.readouterr()
 
     assert main(["score", "--profile", str(out), "--json", str(data / "mid" / "0.png")]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["label"] in {"bright", "dark", "mid"} and "nac_score" in rows[0]
+    assert 0 < rows[0]["p_value"] <= 1 and "layers" not in rows[0]
+
+    image = str(data / "mid" / "0.png")
+    assert main(["score", "--profile", str(out), "--json", "--explain", "3", image]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert set(row["layers"]) == {"block2", "avgpool"}
+    assert row["least_covered_layer"] in row["layers"]
+    assert len(row["uncovered_neurons"]) == 3
+    assert set(row["uncovered_neurons"][0]) == {"layer", "index", "bin", "coverage"}
+    assert main(["score", "--profile", str(out), "--alpha", "0.5", image]) == 0
+    assert "p_value=" in capsys.readouterr().out
+    assert main(["score", "--profile", str(out), "--alpha", "1.5", image]) == 2
+    assert "alpha" in capsys.readouterr().err
+
+
+def test_build_per_class_calibration(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "per-class"
+    extra = ["--calibration", "per-class", "--min-class-samples", "10"]
+    assert _build(data, out, *extra) == 0
+    cal = json.loads((out / "bundle.json").read_text())["calibration"]
+    assert cal["mode"] == "per-class"
+    assert len(cal["class_thresholds"]) == 3 and sum(cal["class_samples"]) == 45
+    from nacguard.bundle import load_bundle
+
+    bundle = load_bundle(out)
+    images = [Image.open(p) for p in sorted(data.rglob("*.png"))[:30]]
+    for p in bundle.predict(images):
+        t = cal["class_thresholds"][p.class_index]
+        want = cal["threshold"] if t is None else t
+        assert p.threshold == pytest.approx(want) and p.ood == (p.nac_score < p.threshold)
 
 
 def test_eval_with_repeated_ood_flags_evaluates_every_set(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["inspect_lines", "sanity_lines", "score_line"]
+if TYPE_CHECKING:
+    from nacguard.offline.evaluate import EvalResult
+
+__all__ = ["eval_lines", "inspect_lines", "sanity_lines", "score_line"]
 
 
 def sanity_lines(sanity: dict[str, Any] | None) -> tuple[list[str], list[str]]:
@@ -58,3 +61,22 @@ def score_line(row: dict[str, Any], explain: bool = False) -> str:
         f"{flag} nac={row['nac_score']:.4f} p_value={p_value:.4f} {row['label']:<14} "
         f"conf={row['confidence']:.3f}{where}  {row['path']}"
     )
+
+
+def eval_lines(result: EvalResult) -> tuple[list[str], list[str]]:
+    """(stdout lines, stderr warnings) of ``profile eval``: the detector table, the false-alarm
+    and per-class tables, the sanity line; a warning per alpha whose false-alarm count leaves
+    the range exchangeable data would give."""
+    lines = [result.table()]
+    for extra in (result.calibration_table(), result.per_class_table()):
+        if extra:
+            lines += ["", extra]
+    sanity, warnings = sanity_lines(result.sanity)
+    lines += ["", *sanity]
+    for f in result.false_alarms:
+        if not f.consistent:
+            warnings.append(
+                f"at alpha {f.alpha:g} {f.rate:.4f} of {result.ind_name} was flagged: not "
+                f"exchangeable with the calibration images"
+            )
+    return lines, warnings
