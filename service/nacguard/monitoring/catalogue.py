@@ -9,6 +9,7 @@ __all__ = [
     "HELP",
     "HOLD_BUCKETS",
     "INFERENCE_BUCKETS",
+    "LAYER_BUCKETS",
     "OTHER",
     "QUEUE_BUCKETS",
     "REJECT_REASONS",
@@ -50,6 +51,8 @@ INFERENCE_BUCKETS = _seconds(
 )
 # Powers of two cover every max_batch_size the settings allow (<= 4096).
 BATCH_BUCKETS = tuple(float(2**i) for i in range(13))
+# Per-layer NAC scores: coarse below 0.8, where InD images rarely score, fine above it.
+LAYER_BUCKETS = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0)
 
 #: Help text of every metric, by name after the ``nacguard_`` prefix.
 HELP: dict[str, str] = {
@@ -73,6 +76,8 @@ HELP: dict[str, str] = {
     "images_ood": "Images flagged out-of-distribution (NAC score below the threshold).",
     "predictions": "Images by predicted class.",
     "nac_score": "NAC scores of scored images; buckets are the drift reference's bin edges.",
+    "layer_nac_score": "Per-layer NAC scores of scored images (their mean is nacguard_nac_score), "
+    "so drift can be read layer by layer.",
     "nac_score_reference_cdf": "Share of the InD calibration scores <= le: the expected value "
     "of the NAC score histogram's bucket / count ratio without drift.",
     "ood_threshold": "NAC score below which an image is OOD.",

@@ -38,6 +38,7 @@ from nacguard.monitoring.catalogue import (
     HELP,
     HOLD_BUCKETS,
     INFERENCE_BUCKETS,
+    LAYER_BUCKETS,
     OTHER,
     QUEUE_BUCKETS,
     REJECT_REASONS,
@@ -91,6 +92,7 @@ class Metrics:
         max_class_series: int = 100,
         info: Mapping[str, str] | None = None,
         process_metrics: bool = True,
+        layers: Sequence[str] = (),
     ) -> None:
         """Create and register every metric.
 
@@ -110,6 +112,8 @@ class Metrics:
                 under ``class="other"`` (a 1000-class model must not add 1000 series).
             info: extra constant labels of ``nacguard_model_info`` (version, device, ...).
             process_metrics: export ``nacguard_process_*`` (memory, CPU, fds) of this process.
+            layers: the monitored layers, in profile order: one per-layer score histogram each
+                (a profile monitors a handful, so the series stay few).
         """
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model = model
@@ -129,6 +133,8 @@ class Metrics:
         self._init_http()
         self._init_batching(max_queue_images)
         self._init_predictions(classes, expected_ood_rate, info)
+        layer_scores = self._family(Histogram, "layer_nac_score", ("layer",), buckets=LAYER_BUCKETS)
+        self._layer_children = [layer_scores.labels(model, profile, name) for name in layers]
         self._init_shared_state()
         self._init_drift()
         base_l = {"model": model, "profile": profile}
@@ -329,6 +335,15 @@ class Metrics:
         for score in scores:
             if not math.isnan(score):
                 self._scores.observe(score)
+
+    def observe_layer_scores(self, rows: Sequence[Sequence[float]]) -> None:
+        """Record per-layer NAC scores: one row per image, in the ``layers`` order (rows of
+        unscored images, empty or NaN, are skipped)."""
+        children = self._layer_children
+        for row in rows:
+            for child, score in zip(children, row, strict=False):
+                if score == score:
+                    child.observe(score)
 
     def _class_label(self, label: str) -> str:
         if label in self._classes:

@@ -34,7 +34,12 @@ class DriftRecorder:
     """
 
     def __init__(self, calibration: Calibration, settings: Settings) -> None:
-        self.reference = DriftReference(calibration.scores, calibration.threshold)
+        # The threshold that flags (alpha's equivalent under ood_alpha; the TPR one under the
+        # fused detector, which has no NAC threshold of its own).
+        threshold = calibration.decision_threshold
+        if threshold != threshold:
+            threshold = calibration.threshold
+        self.reference = DriftReference(calibration.scores, threshold)
         self._expected_ood_rate = calibration.expected_ood_rate
         self._settings = settings
         self._window: DriftWindow | None = None

@@ -129,6 +129,7 @@ class Pipeline:
         self.metrics.observe_predictions(
             [p.label for p in served], [p.nac_score for p in served], [p.ood for p in served]
         )
+        self.metrics.observe_layer_scores([p.layer_scores for p in served])
         batches = sorted({r.batch for r in results}, key=lambda b: b.started)
         outcome = PredictOutcome(
             predictions=served,

@@ -218,6 +218,7 @@ class Service:
             expected_ood_rate=calibration.expected_ood_rate,
             max_queue_images=s.max_queue_images,
             classes=bundle.classes,
+            layers=[lp.name for lp in bundle.layers],
             info={
                 "version": nacguard.__version__,
                 "device": s.device,

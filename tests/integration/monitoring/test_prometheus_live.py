@@ -47,6 +47,7 @@ def exporter() -> Iterator[tuple[Metrics, str, np.ndarray]]:
         drift_reference=DriftReference(calibration, float(np.quantile(calibration, 0.05))),
         expected_ood_rate=0.05,
         max_queue_images=100,
+        layers=["block3", "avgpool"],
     )
 
     class Handler(BaseHTTPRequestHandler):
@@ -77,6 +78,7 @@ def feed(metrics: Metrics, scores: np.ndarray) -> None:
     threshold = metrics.drift_reference.threshold
     labels = ["shirt" if s > 0.7 else "bag" for s in scores]
     metrics.observe_predictions(labels, list(scores), [bool(s < threshold) for s in scores])
+    metrics.observe_layer_scores([(float(s), min(1.0, float(s) + 0.05)) for s in scores])
     for _ in range(10):
         metrics.observe_request("/predict", "POST", 200, 0.02)
         metrics.observe_batch(Batch("cpu", 8, [0.001] * 8, 0.01))

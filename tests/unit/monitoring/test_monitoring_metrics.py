@@ -338,3 +338,26 @@ def test_openmetrics_on_request(metrics: Metrics) -> None:
     assert body.rstrip().endswith(b"# EOF")
     _, plain_type = metrics.render("text/plain")
     assert plain_type.startswith("text/plain")
+
+
+def test_layer_score_histograms(calibration: np.ndarray) -> None:
+    metrics = Metrics(
+        model="demo",
+        profile="p",
+        drift_reference=DriftReference(calibration, 0.5),
+        expected_ood_rate=0.05,
+        layers=["block3", "avgpool"],
+    )
+    metrics.observe_layer_scores([(0.95, 0.5), (0.99, math.nan), ()])
+    fams = families(metrics)
+    samples = fams["nacguard_layer_nac_score"].samples  # type: ignore[attr-defined]
+    counts = {
+        s.labels["layer"]: s.value for s in samples if s.name == "nacguard_layer_nac_score_count"
+    }
+    assert counts == {"block3": 2.0, "avgpool": 1.0}
+    below = {
+        s.labels["layer"]: s.value
+        for s in samples
+        if s.name == "nacguard_layer_nac_score_bucket" and s.labels["le"] == "0.6"
+    }
+    assert below == {"block3": 0.0, "avgpool": 1.0}
