@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nacguard.bundle import load_bundle
 
+from nacguard.bundle import load_bundle
 from nacguard.nac.conformal import p_values, threshold_for_alpha
-from tests.fixtures.bundles import encoded_images
 from tests.fixtures.api import PNG, ApiFactory, multipart
+from tests.fixtures.bundles import encoded_images
 
 EXPLAIN_KEYS = {"layers", "least_covered_layer", "p_values"}
 
