@@ -19,7 +19,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -46,27 +46,13 @@ from nacguard.monitoring.catalogue import (
 )
 from nacguard.monitoring.collectors import DeviceMemoryCollector, Labelled
 from nacguard.monitoring.drift import DriftReference, DriftReport
+from nacguard.monitoring.inputs import BatchStatsLike
 
 __all__ = ["REJECT_REASONS", "BatchStatsLike", "Metrics"]
 
 log = logging.getLogger(__name__)
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-
-class BatchStatsLike(Protocol):
-    """What :meth:`Metrics.observe_batch` reads (``nacguard.engine.BatchStats`` fits)."""
-
-    @property
-    def device(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def queue_wait_s(self) -> Sequence[float]: ...
-    @property
-    def compute_s(self) -> float: ...
-    @property
-    def policy_wait_s(self) -> float: ...
 
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
@@ -112,8 +98,7 @@ class Metrics:
                 under ``class="other"`` (a 1000-class model must not add 1000 series).
             info: extra constant labels of ``nacguard_model_info`` (version, device, ...).
             process_metrics: export ``nacguard_process_*`` (memory, CPU, fds) of this process.
-            layers: the monitored layers, in profile order: one per-layer score histogram each
-                (a profile monitors a handful, so the series stay few).
+            layers: the monitored layers: a per-layer score histogram each (a handful of series).
         """
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model = model
@@ -133,8 +118,8 @@ class Metrics:
         self._init_http()
         self._init_batching(max_queue_images)
         self._init_predictions(classes, expected_ood_rate, info)
-        layer_scores = self._family(Histogram, "layer_nac_score", ("layer",), buckets=LAYER_BUCKETS)
-        self._layer_children = [layer_scores.labels(model, profile, name) for name in layers]
+        layer_family = self._family(Histogram, "layer_nac_score", ("layer",), buckets=LAYER_BUCKETS)
+        self._layer_children = [layer_family.labels(model, profile, name) for name in layers]
         self._init_shared_state()
         self._init_drift()
         base_l = {"model": model, "profile": profile}
@@ -337,11 +322,9 @@ class Metrics:
                 self._scores.observe(score)
 
     def observe_layer_scores(self, rows: Sequence[Sequence[float]]) -> None:
-        """Record per-layer NAC scores: one row per image, in the ``layers`` order (rows of
-        unscored images, empty or NaN, are skipped)."""
-        children = self._layer_children
+        """Per-layer NAC scores, one row per image in ``layers`` order (NaN: not scored)."""
         for row in rows:
-            for child, score in zip(children, row, strict=False):
+            for child, score in zip(self._layer_children, row, strict=False):
                 if score == score:
                     child.observe(score)
 
