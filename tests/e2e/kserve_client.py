@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, RequestedOutput
 
-FIELDS = ("label", "class_index", "confidence", "nac_score", "ood")
+FIELDS = ("label", "class_index", "confidence", "nac_score", "p_value", "ood")
 
 
 def _send(url: str, request: InferRequest) -> dict[str, Any]:

@@ -136,6 +136,8 @@ def _same(result: object, expected: list[dict[str, float]]) -> None:
         result.as_numpy("ood"),  # type: ignore[attr-defined]
         [p["ood"] for p in expected],
     )
+    # FP64 and computed by the same rule: the very p-values /predict answers
+    assert result.as_numpy("p_value").tolist() == [p["p_value"] for p in expected]  # type: ignore[attr-defined]
 
 
 def test_health_and_metadata(
@@ -190,7 +192,7 @@ def test_scores_vary_and_every_protocol_matches_predict(
         [_bytes_input(thttp, data, binary=False)],
         outputs=[
             thttp.InferRequestedOutput(n, binary_data=False)
-            for n in ("label", "class_index", "confidence", "nac_score", "ood")
+            for n in ("label", "class_index", "confidence", "nac_score", "p_value", "ood")
         ],
         headers=_auth(),
     )

@@ -28,7 +28,7 @@ from tests.e2e.server import ServerProcess, start_server
 from tests.fixtures.bundles import TINY_BUNDLE_NAME, encoded_images
 
 MODEL = TINY_BUNDLE_NAME
-FIELDS = ["label", "class_index", "confidence", "nac_score", "ood"]
+FIELDS = ["label", "class_index", "confidence", "nac_score", "p_value", "ood"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -61,6 +61,7 @@ def _same(reply: dict[str, Any], expected: list[dict[str, Any]]) -> None:
             out[name], [p[name] for p in expected], rtol=1e-5, atol=1e-6, err_msg=name
         )
     assert out["ood"] == [p["ood"] for p in expected]
+    assert out["p_value"] == [p["p_value"] for p in expected]  # FP64, the same rule
 
 
 def test_kserve_requests_and_responses_match_predict(server: ServerProcess) -> None:

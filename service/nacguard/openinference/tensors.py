@@ -12,7 +12,8 @@ The model's tensors:
 * inputs (exactly one per request): ``image``, BYTES ``[B]``, encoded images (PNG, JPEG, ...);
   or ``pixels``, UINT8 ``[B, H, W, C]`` with C = 1 (grey), 3 (RGB) or 4 (RGBA).
 * outputs, all ``[B]``: ``label`` BYTES, ``class_index`` INT64, ``confidence`` FP32,
-  ``nac_score`` FP32 (NaN with scoring off), ``ood`` BOOL; and, only when requested,
+  ``nac_score`` FP32 (NaN with scoring off), ``p_value`` FP64 (the conformal p-value of
+  ``/predict``; NaN with scoring off), ``ood`` BOOL; and, only when requested,
   ``probabilities`` FP32 ``[B, classes]``.
 """
 
@@ -88,11 +89,12 @@ OUTPUTS = (
     TensorSpec("class_index", "INT64", (-1,)),
     TensorSpec("confidence", "FP32", (-1,)),
     TensorSpec("nac_score", "FP32", (-1,)),
+    TensorSpec("p_value", "FP64", (-1,)),
     TensorSpec("ood", "BOOL", (-1,)),
     TensorSpec("probabilities", "FP32", (-1, -1)),
 )
 #: Outputs answered when a request names none.
-DEFAULT_OUTPUTS = ("label", "class_index", "confidence", "nac_score", "ood")
+DEFAULT_OUTPUTS = ("label", "class_index", "confidence", "nac_score", "p_value", "ood")
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,8 @@ def outputs_for(
             values, datatype = np.array([p.class_index for p in predictions], "<i8"), "INT64"
         elif name == "ood":
             values, datatype = np.array([p.ood for p in predictions], np.bool_), "BOOL"
+        elif name == "p_value":  # FP64: the same number /predict answers
+            values, datatype = np.array([p.p_value for p in predictions], "<f8"), "FP64"
         elif name == "probabilities":
             values = np.array([p.probabilities for p in predictions], "<f4")
             values, datatype = values.reshape(len(predictions), -1), "FP32"

@@ -114,6 +114,7 @@ def _prediction(index: int, score: float) -> Prediction:
         energy=-1.0,
         probabilities=probabilities,
         classes=classes,
+        p_value=0.25 if score < 0.5 else 0.75,
     )
 
 
@@ -125,6 +126,8 @@ def test_outputs_have_the_declared_types_and_order() -> None:
     assert np.frombuffer(outputs["class_index"].raw(), "<i8").tolist() == [2, 0]
     assert np.frombuffer(outputs["ood"].raw(), np.bool_).tolist() == [False, True]
     assert outputs["nac_score"].json_data() == pytest.approx([0.9, 0.1])
+    assert outputs["p_value"].datatype == "FP64"
+    assert np.frombuffer(outputs["p_value"].raw(), "<f8").tolist() == [0.75, 0.25]
     (probs,) = outputs_for(preds, ["probabilities"])
     assert probs.shape == (2, 3) and probs.datatype == "FP32"
     assert len(probs.json_data()) == 6
