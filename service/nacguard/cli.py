@@ -166,9 +166,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     files = image_files(args.paths)
     limit = Settings().max_image_pixels
     images = [decode_image(f.read_bytes(), max_pixels=limit, spec=bundle.preprocess) for f in files]
-    if args.explain:
-        batch = bundle.preprocess.batch(images) if images else None
-        preds = bundle.explain_batch(batch, top=args.explain) if batch is not None else []
+    if args.explain and images:
+        preds = bundle.explain_batch(bundle.preprocess.batch(images), top=args.explain)
     else:
         preds = bundle.predict(images)
     rows = [
