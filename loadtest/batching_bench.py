@@ -56,6 +56,7 @@ log = logging.getLogger("nacguard.bench")
 #: threads on half the cores: the event loop, decoding threads and the load generator need the
 #: rest, and an OpenMP team contending with them for cores is far slower than a smaller one.
 BENCH_DEFAULTS: dict[str, str] = {
+    "workers": "1",  # one process unless a comparison asks for more
     "cache_enabled": "false",
     "log_level": "warning",
     "torch_threads": str(max(1, (os.cpu_count() or 2) // 2)),
@@ -139,7 +140,11 @@ def start_server(
                 tail = log_path.read_text(errors="replace")[-4000:]
                 raise RuntimeError(f"server exited with {process.returncode}:\n{tail}")
             try:
-                if client.get("/readyz").status_code == 200:
+                # Several workers: every one of them, which the supervisor logs.
+                if client.get("/readyz").status_code == 200 and (
+                    int(env.get("NACGUARD_WORKERS", "1")) <= 1
+                    or "all workers ready" in log_path.read_text(errors="replace")
+                ):
                     return server
             except httpx.TransportError:
                 pass

@@ -42,7 +42,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from nacguard.api.server import serve
+    from nacguard.supervisor import serve
 
     return serve(_settings_from(args))
 

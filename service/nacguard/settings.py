@@ -4,6 +4,8 @@ import time."""
 
 from __future__ import annotations
 
+import math
+import os
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -11,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEMO_PROFILE", "Settings", "demo_profile"]
+__all__ = ["DEMO_PROFILE", "Settings", "available_cores", "demo_profile"]
 
 #: Where an installed wheel puts the demo bundle, below the installation's data prefix
 #: (``[tool.setuptools.data-files]`` in pyproject.toml).
@@ -37,6 +39,22 @@ def demo_profile() -> Path:
         if file.as_posix().endswith(f"{_DEMO_DATA_DIR}/bundle.json"):
             return Path(str(file.locate())).resolve().parent
     return checkout  # not installed either: loading it reports the missing bundle
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota
+    (``cpu.max``, what a Kubernetes CPU limit sets), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 #: The demo profile as found when this module was imported (for tools; Settings looks anew).
@@ -78,7 +96,28 @@ class Settings(BaseSettings):
         description="Pad batches up to these sizes (warmed up before ready) so compiled graphs "
         "and cuDNN plans are reused. Empty: run batches at their natural size.",
     )
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads per worker; 0 = torch's default with one worker, "
+        "and the cores shared out (at least 1 each) with several.",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=512,
+        description="Server worker processes, each with its own event loop, model copy and "
+        "batcher, sharing the port (SO_REUSEPORT). 0 = auto: on CPU the available cores divided "
+        "by torch_threads (1 when unset), so every core serves HTTP and computes; on CUDA one per "
+        "listed device (a second process on a GPU adds a model copy and a CUDA context and splits "
+        "the batches that make a GPU fast). More workers: more throughput where HTTP, decoding "
+        "and JSON dominate; each one costs a model's memory, and batches fill less per worker.",
+    )
+    run_dir: Path | None = Field(
+        None,
+        description="Folder the workers of one server share (multi-process metrics, drift "
+        "counts); set by the supervisor. Unset: a fresh temporary folder per start.",
+    )
     scoring: bool = Field(
         True, description="Compute NAC scores. Off = plain classification (for comparisons)."
     )
@@ -261,6 +300,15 @@ class Settings(BaseSettings):
             if self.batch_buckets[-1] < self.max_batch_size:
                 self.batch_buckets.append(self.max_batch_size)
         return self
+
+    @property
+    def worker_count(self) -> int:
+        """Worker processes this server runs (``workers``, or the auto choice it documents)."""
+        if self.workers:
+            return self.workers
+        if self.devices[0].startswith("cpu"):
+            return max(1, available_cores() // max(1, self.torch_threads))
+        return len(self.devices)
 
     @property
     def devices(self) -> list[str]:

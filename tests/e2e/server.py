@@ -81,7 +81,7 @@ def start_server(
     env.update(NACGUARD_HOST="127.0.0.1", NACGUARD_PORT=str(port), NACGUARD_GRPC_PORT="0")
     if profile is not None:
         env["NACGUARD_PROFILE"] = str(profile)
-    for name, value in {"torch_threads": 1, **settings}.items():
+    for name, value in {"torch_threads": 1, "workers": 1, **settings}.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
         env[f"NACGUARD_{name.upper()}"] = text
     exe = shutil.which("nacguard")
@@ -90,17 +90,21 @@ def start_server(
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = ServerProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
     deadline = time.monotonic() + ready_within
-    with httpx.Client(base_url=server.url, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {process.returncode}:\n{server.logs()[-4000:]}"
-                )
-            try:
-                if client.get("/readyz").status_code == 200:
+    ready: set[int] = set()  # worker pids seen ready: with several workers, every one of them
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()[-4000:]}")
+        try:
+            # A fresh connection each time: the kernel picks the worker of each connection.
+            with httpx.Client(base_url=server.url, timeout=2.0) as client:
+                health = client.get("/healthz").json()
+            if health["ready"]:
+                ready.add(health["pid"])
+                if len(ready) >= health["workers"]:
                     return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)  # polling a process we do not control: there is no event to wait on
+                continue
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)  # polling a process we do not control: there is no event to wait on
     server.stop()
     raise RuntimeError(f"server not ready within {ready_within}s:\n{server.logs()[-4000:]}")

@@ -22,6 +22,7 @@ RUNTIME = (
     "openinference",
     "serving",
     "store",
+    "supervisor",
 )
 WEB = ("fastapi", "starlette")
 #: HTTP adapters outside ``api/``: the Open Inference Protocol's REST router (an APIRouter the

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
@@ -214,6 +215,8 @@ async def healthz(service: ServiceDep) -> HealthOut:
         ready=service.ready,
         draining=service.draining,
         predict_requests_in_progress=service.requests_in_progress,
+        pid=os.getpid(),
+        workers=service.settings.workers or 1,
     )
 
 

@@ -129,6 +129,8 @@ class HealthOut(BaseModel):
     predict_requests_in_progress: int = Field(
         description="/predict requests received and not yet answered."
     )
+    pid: int = Field(description="Process id of the worker that answered.")
+    workers: int = Field(description="Worker processes of this server (`workers` setting).")
 
 
 class ReadyOut(BaseModel):

@@ -38,7 +38,7 @@ from nacguard.settings import Settings
 from .app import create_app
 from .logs import configure_logging
 
-__all__ = ["DrainingServer", "serve"]
+__all__ = ["DrainingServer", "build_server", "serve"]
 
 log = logging.getLogger("nacguard.server")
 
@@ -144,8 +144,31 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def build_server(settings: Settings) -> DrainingServer:
+    """The app and its draining uvicorn server for ``settings`` (not started)."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )
+    service = app.state.service
+    # With several workers, each one serves grpc_port as well: gRPC binds with SO_REUSEPORT
+    # on Linux, so the kernel spreads gRPC connections over the workers as it does HTTP ones.
+    rpc = RpcServer(service, settings) if settings.grpc_port else None
+    return DrainingServer(config, service, settings.drain_timeout_s, rpc)
+
+
 def serve(settings: Settings) -> int:
     """Run the HTTP server until it is told to stop.
+
+    One process; ``nacguard serve`` with several workers runs
+    :func:`nacguard.supervisor.parent.supervise` instead, whose workers build this server.
 
     Args:
         settings: the validated settings.
@@ -160,20 +183,7 @@ def serve(settings: Settings) -> int:
     configure_logging(settings)
     if not (settings.profile / BUNDLE_FILE).is_file():
         raise BundleError(f"{settings.profile} is not a profile bundle (no {BUNDLE_FILE})")
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-    )
-    service = app.state.service
-    rpc = RpcServer(service, settings) if settings.grpc_port else None
-    server = DrainingServer(config, service, settings.drain_timeout_s, rpc)
+    server = build_server(settings)
     server.run()
     log.info("exiting with status %d", server.exit_code)
     return server.exit_code

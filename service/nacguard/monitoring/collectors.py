@@ -7,10 +7,12 @@ import logging
 import sys
 from collections.abc import Iterable, Mapping
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-__all__ = ["DeviceMemoryCollector", "Labelled"]
+__all__ = ["DeviceMemoryCollector", "Labelled", "multiprocess_registry"]
 
 log = logging.getLogger("nacguard.monitoring.metrics")
 
@@ -78,3 +80,15 @@ class Labelled(Collector):
                     sample.exemplar,
                 )
             yield out
+
+
+def multiprocess_registry(path: str, *local: Collector) -> CollectorRegistry:
+    """A registry for one scrape of a server with several workers: the sum (or the mode each
+    gauge declares) over every worker's value files in ``path``, plus ``local`` collectors of
+    the answering process. ``nacguard_process_*`` is not among them: it describes one process,
+    and with several workers the container's own metrics describe the replica."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path)
+    for collector in local:
+        registry.register(collector)
+    return registry

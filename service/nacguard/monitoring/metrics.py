@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -44,7 +45,7 @@ from nacguard.monitoring.catalogue import (
     REJECT_REASONS,
     REQUEST_BUCKETS,
 )
-from nacguard.monitoring.collectors import DeviceMemoryCollector, Labelled
+from nacguard.monitoring.collectors import DeviceMemoryCollector, Labelled, multiprocess_registry
 from nacguard.monitoring.drift import DriftReference, DriftReport
 from nacguard.monitoring.inputs import BatchStatsLike
 
@@ -122,16 +123,20 @@ class Metrics:
         self._layer_children = [layer_family.labels(model, profile, name) for name in layers]
         self._init_shared_state()
         self._init_drift()
-        base_l = {"model": model, "profile": profile}
-        if process_metrics:
-            self.registry.register(
-                Labelled(ProcessCollector(namespace="nacguard", registry=None), base_l)
-            )
-        self.registry.register(DeviceMemoryCollector(model, profile))
+        # Several workers (PROMETHEUS_MULTIPROC_DIR, set by the supervisor): every value is also
+        # in a file, and a scrape of any worker renders the sum over all of them.
+        self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self._device_memory = DeviceMemoryCollector(model, profile)
+        if process_metrics and self._multiprocess_dir is None:
+            process = ProcessCollector(namespace="nacguard", registry=None)
+            self.registry.register(Labelled(process, {"model": model, "profile": profile}))
+        self.registry.register(self._device_memory)
 
     def _family(self, kind: type[_M], name: str, labels: Sequence[str] = (), **kwargs: Any) -> _M:
         """Metric ``nacguard_<name>`` (help text from :data:`HELP`), labelled model, profile and
-        ``labels``."""
+        ``labels``. A gauge's value across several workers is their ``max`` unless it says."""
+        if kind is Gauge:
+            kwargs.setdefault("multiprocess_mode", "max")
         return kind(
             f"nacguard_{name}",
             HELP[name],
@@ -171,10 +176,12 @@ class Metrics:
         self._batch_size = self._family(
             Histogram, "batch_size_images", device, buckets=BATCH_BUCKETS
         )
-        self._queue_images = self._series(Gauge, "queue_images")
-        self._queue_capacity = self._series(Gauge, "queue_capacity_images")
+        # With several workers each one's gauge is a file: the replica's queue is their sum.
+        live_sum = {"multiprocess_mode": "livesum"}
+        self._queue_images = self._series(Gauge, "queue_images", **live_sum)
+        self._queue_capacity = self._series(Gauge, "queue_capacity_images", **live_sum)
         self._queue_capacity.set(math.nan if max_queue_images is None else max_queue_images)
-        self._in_flight = self._series(Gauge, "in_flight_images")
+        self._in_flight = self._series(Gauge, "in_flight_images", **live_sum)
 
     def _init_predictions(
         self,
@@ -215,12 +222,13 @@ class Metrics:
         self._cache_miss = self._cache.labels(self.model, self.profile, "miss")
         self._redis_errors = self._family(Counter, "redis_errors", ("operation",))
         # No series until Redis is in use: without Redis configured there is nothing to be down.
-        self._redis_up = self._family(Gauge, "redis_up")
+        self._redis_up = self._family(Gauge, "redis_up", multiprocess_mode="livemin")
         self._review = self._series(Counter, "review_appends")
 
     def _init_drift(self) -> None:
         self._drift_gauges = {
-            name: self._family(Gauge, name, ("scope",))
+            # Every worker reports the same replica-wide window: the latest report is the one.
+            name: self._family(Gauge, name, ("scope",), multiprocess_mode="livemostrecent")
             for name in HELP
             if name.startswith("drift_")
         }
@@ -363,6 +371,8 @@ class Metrics:
         scope = report.scope
         if self._drift_scope is not None and self._drift_scope != scope:
             for gauge in self._drift_gauges.values():
+                # A worker's value file keeps removed series: NaN first, so none lingers.
+                gauge.labels(self.model, self.profile, self._drift_scope).set(math.nan)
                 gauge.remove(self.model, self.profile, self._drift_scope)
         self._drift_scope = scope
 
@@ -383,6 +393,11 @@ class Metrics:
             gauge.labels(self.model, self.profile, scope).set(values[key])
 
     # --- exposition ---------------------------------------------------------------------------
+    @property
+    def multiprocess(self) -> bool:
+        """Whether scrapes sum over several workers' value files."""
+        return self._multiprocess_dir is not None
+
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type.
 
@@ -390,7 +405,10 @@ class Metrics:
             accept: the scrape's ``Accept`` header; OpenMetrics when it asks for it, else the
                 Prometheus text format.
         """
+        registry = self.registry
+        if self._multiprocess_dir is not None:
+            registry = multiprocess_registry(self._multiprocess_dir, self._device_memory)
         if accept:
             encoder, content_type = choose_encoder(accept)
-            return encoder(self.registry), content_type
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return encoder(registry), content_type
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -282,7 +282,9 @@ class RpcServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),
+                # One worker: a port in use fails the start. Several: every worker binds it,
+                # and the kernel spreads connections over them (as the supervisor's HTTP port).
+                ("grpc.so_reuseport", 1 if self._settings.worker_count > 1 else 0),
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(

@@ -55,6 +55,12 @@ class DriftRecorder:
         counts = self.reference.bin_counts(scores)
         if not counts.any() or self._window is None:
             return
+        record = getattr(self._window, "record", None)
+        if record is not None and self._pending is None:
+            # An in-process window (or the workers' shared files) adds in memory: at once,
+            # so the next read of any worker sees it, and without a task.
+            record(counts, time.time())
+            return
         self._pending = counts if self._pending is None else self._pending + counts
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._write(), name="nacguard-drift")

@@ -122,6 +122,10 @@ class Pipeline:
                 "serving, so a retry may succeed"
             ) from None
 
+        if self.metrics.multiprocess:
+            # Other workers answer scrapes too: keep this one's queue gauges current.
+            self.metrics.set_queue_depth(batcher.queue_depth)
+            self.metrics.set_in_flight(batcher.in_flight)
         predictions: list[Prediction | None] = [hits.get(i) for i in range(len(images))]
         for i, result in zip(misses, results, strict=True):
             predictions[i] = result.prediction

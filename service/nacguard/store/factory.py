@@ -16,6 +16,7 @@ from nacguard.store.local import (
     NullReviewSink,
 )
 from nacguard.store.redis_backend import RedisDriftWindow, RedisResultCache, RedisReviewSink
+from nacguard.store.worker_drift import WorkerDriftWindow
 
 __all__ = ["Store", "make_store"]
 
@@ -103,7 +104,8 @@ def make_store(
     (``review_stream``, ``review_maxlen``, ``review_max_image_bytes``) and fleet drift window
     (``drift_window_s``), all bounded by ``redis_timeout_s``. Without it: an LRU cache of
     ``cache_max_entries``, a bounded ``review_dir`` folder (or no review recording when unset),
-    and a local drift window. ``cache_enabled=False`` (or ``cache_max_entries=0`` without
+    and a local drift window (with several workers, one shared by all of them:
+    :mod:`nacguard.store.worker_drift`). ``cache_enabled=False`` (or ``cache_max_entries=0`` without
     Redis) switches caching off.
 
     Args:
@@ -162,9 +164,9 @@ def make_store(
         if settings.review_dir is not None
         else NullReviewSink()
     )
-    return Store(
-        cache=cache,
-        review=review,
-        drift=LocalDriftWindow(settings.drift_window_s, drift_bins),
-        link=None,
-    )
+    drift: DriftWindow = LocalDriftWindow(settings.drift_window_s, drift_bins)
+    if settings.run_dir is not None and settings.worker_count > 1 and drift_bins:
+        # Several workers: one window for the replica, merged across them through the shared
+        # folder (the result cache stays per worker; the review folder is shared).
+        drift = WorkerDriftWindow(settings.run_dir, settings.drift_window_s, drift_bins)
+    return Store(cache=cache, review=review, drift=drift, link=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -21,6 +22,8 @@ async def test_healthz_and_readyz(api: Api) -> None:
         "ready": True,
         "draining": False,
         "predict_requests_in_progress": 0,
+        "pid": os.getpid(),
+        "workers": 1,
     }
     ready = await api.client.get("/readyz")
     assert ready.status_code == 200
