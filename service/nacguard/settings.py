@@ -172,6 +172,22 @@ class Settings(BaseSettings):
         "refused at the door instead of piling up before the queue. Bounds memory and the "
         "worst-case queueing delay (about max_queue_images / throughput).",
     )
+    low_priority_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Requests with X-Priority: low are shed once this share of "
+        "max_queue_images requests is in progress, so that under overload low-priority traffic "
+        "goes first. Lower: more room kept for normal traffic, low refused sooner.",
+    )
+    normal_priority_share: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Requests without X-Priority (or normal) are shed once this share of "
+        "max_queue_images requests is in progress; X-Priority: high may fill the rest. Lower: "
+        "more room kept for high-priority traffic, normal refused sooner.",
+    )
     request_timeout_s: float = Field(
         10.0,
         gt=0,

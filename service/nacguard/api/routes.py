@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+import orjson
+from fastapi import APIRouter, Depends, Request
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive
 
 from nacguard.errors import InvalidRequest
 from nacguard.imaging.decode import cheap_to_parse
-from nacguard.serving import PredictOutcome, Service
+from nacguard.serving import PredictOutcome, Priority, Service
 
 from .body import parse_images, read_body
 from .errors import ERROR_RESPONSES
@@ -126,42 +128,98 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+_PREDICT_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "top_k",
+        "in": "query",
+        "required": False,
+        "description": "Top classes per prediction (default: server setting).",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+    },
+    {
+        "name": "explain",
+        "in": "query",
+        "required": False,
+        "description": "Add per-layer NAC scores (`layers`), `least_covered_layer` and every "
+        "detector's p-value (`p_values`).",
+        "schema": {"type": "boolean", "default": False},
+    },
+    {
+        "name": "x-timeout-ms",
+        "in": "header",
+        "required": False,
+        "description": "Deadline in milliseconds, capped by the server's request_timeout_s.",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+    },
+    {
+        "name": "x-priority",
+        "in": "header",
+        "required": False,
+        "description": "Under overload low-priority requests are refused first (429) and "
+        "high-priority ones last.",
+        "schema": {"type": "string", "enum": ["low", "normal", "high"], "default": "normal"},
+    },
+]
+
+
+_TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
+_FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
+
+
+def _predict_params(request: Request) -> tuple[int | None, bool, float | None]:
+    """``top_k``, ``explain`` and ``X-Timeout-Ms``, parsed by hand: FastAPI's parameter solving (a pass over
+    path, query, header and cookie parameters per request) cost more than the JSON answer.
+
+    Raises:
+        InvalidRequest: a value that is not a number in range, or a bad ``X-Priority``.
+    """
+    if request.scope.get("state", {}).get("priority", Priority.NORMAL) is None:
+        raise InvalidRequest("X-Priority: must be low, normal or high")
+    top_k = None
+    raw = request.query_params.get("top_k")
+    if raw is not None:
+        try:
+            top_k = int(raw)
+        except ValueError:
+            raise InvalidRequest("top_k: must be an integer") from None
+        if not 0 <= top_k <= 1000:
+            raise InvalidRequest("top_k: must be between 0 and 1000")
+    explain = False
+    flag = request.query_params.get("explain")
+    if flag is not None:
+        if flag.lower() not in _TRUE | _FALSE:
+            raise InvalidRequest("explain: must be a boolean")
+        explain = flag.lower() in _TRUE
+    timeout_ms = None
+    header = request.headers.get("x-timeout-ms")
+    if header is not None:
+        try:
+            timeout_ms = float(header)
+        except ValueError:
+            timeout_ms = math.nan
+        if not (math.isfinite(timeout_ms) and timeout_ms > 0):
+            raise InvalidRequest("X-Timeout-Ms: must be a positive number of milliseconds")
+    return top_k, explain, timeout_ms
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
     responses=_PREDICT_RESPONSES,
-    openapi_extra={"requestBody": PREDICT_REQUEST_BODY},
+    openapi_extra={"requestBody": PREDICT_REQUEST_BODY, "parameters": _PREDICT_PARAMETERS},
     summary="Classify images and screen them for out-of-distribution inputs",
 )
-async def predict(
-    request: Request,
-    top_k: Annotated[
-        int | None,
-        Query(ge=0, le=1000, description="Top classes per prediction (default: server setting)."),
-    ] = None,
-    explain: Annotated[
-        bool,
-        Query(
-            description="Add per-layer NAC scores (`layers`), `least_covered_layer` and every "
-            "detector's p-value (`p_values`)."
-        ),
-    ] = False,
-    x_timeout_ms: Annotated[
-        float | None,
-        Header(
-            gt=0,
-            allow_inf_nan=False,
-            description="Deadline in milliseconds, capped by the server's request_timeout_s.",
-        ),
-    ] = None,
-) -> Response:
+async def predict(request: Request) -> Response:
     """One prediction per image, in request order."""
     # Not a dependency here: on the hot path, FastAPI's solving of a sub-dependency (a second
     # pass over path, query, header and cookie parameters, a cache key) cost more than the
     # whole JSON answer; the other routes keep ServiceDep.
     service = await get_service(request)
-    admission = service.admit()
+    priority = request.scope.get("state", {}).get("priority", Priority.NORMAL)
+    # A bad X-Priority is admitted as normal, then answered 422 by _predict_params.
+    admission = service.admit(Priority.NORMAL if priority is None else priority)
     try:
+        top_k, explain, x_timeout_ms = _predict_params(request)
         settings = service.settings
         bundle = service.bundle
         assert bundle is not None  # admitted => loaded
@@ -204,7 +262,10 @@ async def predict(
         "X-Cache-Hits": str(outcome.cache_hits),
     }
     background = BackgroundTask(outcome.after_response) if outcome.after_response else None
-    return JSONResponse(content, headers=headers, background=background)
+    # orjson, and no response model validation: the content is built from typed predictions.
+    return Response(
+        orjson.dumps(content), media_type="application/json", headers=headers, background=background
+    )
 
 
 @router.get("/healthz", response_model=HealthOut, summary="Liveness: the process answers")

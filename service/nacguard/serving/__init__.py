@@ -2,9 +2,17 @@
 decode -> batch -> side effects) and the device compute. Adapters (``nacguard.api`` and others)
 call :class:`Service`; nothing here imports a web framework."""
 
-from nacguard.serving.admission import Admission
+from nacguard.serving.admission import Admission, Priority
 from nacguard.serving.compute import BatchInfo, DeviceCompute, ImageResult
 from nacguard.serving.pipeline import PredictOutcome
 from nacguard.serving.service import Service
 
-__all__ = ["Admission", "BatchInfo", "DeviceCompute", "ImageResult", "PredictOutcome", "Service"]
+__all__ = [
+    "Admission",
+    "BatchInfo",
+    "DeviceCompute",
+    "ImageResult",
+    "PredictOutcome",
+    "Priority",
+    "Service",
+]

@@ -7,11 +7,21 @@ and *in progress* until it is answered. The drain waits for both to reach zero.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from enum import IntEnum
 
 from nacguard.errors import Overloaded
 
-__all__ = ["Admission", "Gate", "wait_until"]
+__all__ = ["Admission", "Gate", "Priority", "wait_until"]
+
+
+class Priority(IntEnum):
+    """A request's priority: under overload, ``LOW`` is shed first and ``HIGH`` last."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
 
 
 async def wait_until(event: asyncio.Event, deadline: float) -> bool:
@@ -32,13 +42,29 @@ class Gate:
     """Counts admitted and in-progress requests against one bound.
 
     Args:
-        max_in_progress: requests in progress before new ones are shed (``max_queue_images``).
+        max_in_progress: requests in progress before even high-priority ones are shed
+            (``max_queue_images``).
         retry_after_s: the ``Retry-After`` of a refusal.
+        low_share: low-priority requests are shed from ``low_share * max_in_progress`` on.
+        normal_share: normal ones from ``normal_share * max_in_progress`` on.
     """
 
-    def __init__(self, max_in_progress: int, retry_after_s: float) -> None:
+    def __init__(
+        self,
+        max_in_progress: int,
+        retry_after_s: float,
+        *,
+        low_share: float = 1.0,
+        normal_share: float = 1.0,
+    ) -> None:
         self.max_in_progress = max_in_progress
         self.retry_after_s = retry_after_s
+        #: The in-progress count at which each priority is shed, by ``Priority`` value.
+        self.limits = (
+            max(1, math.floor(max_in_progress * low_share)),
+            max(1, math.floor(max_in_progress * normal_share)),
+            max_in_progress,
+        )
         self.admitted = 0
         self.in_progress = 0
         self.no_admitted = asyncio.Event()
@@ -46,23 +72,25 @@ class Gate:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, priority: Priority = Priority.NORMAL) -> None:
         """The overload bound, in one place (the HTTP middleware sheds early through it too).
 
         Requests still being read or decoded have not reached the batcher's bounded queue;
         without this bound a flood waits there (decode pool, event loop), unbounded and never
         shed. Each request holds at least one image, so this keeps the queue bound's promise:
-        latency up to about max_queue_images / throughput, then 429.
+        latency up to about max_queue_images / throughput, then 429. The bound depends on the
+        request's priority (:attr:`limits`): low-priority requests are refused first, while
+        there is still room for the others; high-priority ones last.
 
         Raises:
-            Overloaded: ``max_in_progress`` requests are in progress already.
+            Overloaded: the priority's limit of requests is in progress already.
         """
-        if self.in_progress >= self.max_in_progress:
+        if self.in_progress >= self.limits[priority]:
             raise Overloaded("too many requests in progress", retry_after=self.retry_after_s)
 
-    def admit(self) -> Admission:
+    def admit(self, priority: Priority = Priority.NORMAL) -> Admission:
         """Count one request in (after :meth:`check_capacity`)."""
-        self.check_capacity()
+        self.check_capacity(priority)
         self.admitted += 1
         self.no_admitted.clear()
         self.in_progress += 1

@@ -44,7 +44,7 @@ from nacguard.errors import BundleError, NotReady, ShuttingDown
 from nacguard.imaging.decode import InputLimits, OffLoop, RawImage, decode_pool_size
 from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.monitoring import DriftReport, Metrics
-from nacguard.serving.admission import Admission, Gate, wait_until
+from nacguard.serving.admission import Admission, Gate, Priority, wait_until
 from nacguard.serving.compute import DeviceCompute, ImageResult
 from nacguard.serving.drift import DriftRecorder
 from nacguard.serving.pipeline import Pipeline, PredictOutcome
@@ -85,7 +85,12 @@ class Service:
         self._runners: list[Runner[torch.Tensor, ImageResult]] = []
         self._ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
-        self._gate = Gate(settings.max_queue_images, settings.retry_after_s)
+        self._gate = Gate(
+            settings.max_queue_images,
+            settings.retry_after_s,
+            low_share=settings.low_priority_share,
+            normal_share=settings.normal_priority_share,
+        )
         self._drift: DriftRecorder | None = None
         self._pipeline: Pipeline | None = None
 
@@ -319,14 +324,15 @@ class Service:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def check_capacity(self) -> None:
-        """Raise :class:`~nacguard.errors.Overloaded` when a new request would be shed; adapters
-        may call it before parsing anything (the bound is :meth:`admit`'s, checked in one place).
-        """
-        self._gate.check_capacity()
+    def check_capacity(self, priority: Priority = Priority.NORMAL) -> None:
+        """Raise :class:`~nacguard.errors.Overloaded` when a new request of ``priority`` would be
+        shed; adapters may call it before parsing anything (the bound is :meth:`admit`'s,
+        checked in one place)."""
+        self._gate.check_capacity(priority)
 
-    def admit(self) -> Admission:
-        """Let one predict request in: ready, not draining, and under the in-progress bound.
+    def admit(self, priority: Priority = Priority.NORMAL) -> Admission:
+        """Let one predict request in: ready, not draining, and under the in-progress bound
+        of its ``priority`` (low-priority requests are shed first).
 
         Call :meth:`Admission.close` when the request is answered (or failed).
 
@@ -336,7 +342,7 @@ class Service:
             Overloaded: ``max_queue_images`` requests are in progress already.
         """
         self.check_ready()
-        return self._gate.admit()
+        return self._gate.admit(priority)
 
     async def predict(
         self,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+
+import httpx
 
 from tests.fixtures.api import PNG, ApiFactory, until
 from tests.fixtures.bundles import encoded_images
@@ -142,3 +144,45 @@ async def test_start_up_objects_are_frozen_while_serving(make_api: ApiFactory) -
         assert api.service.ready
         assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
+
+
+async def test_x_priority_low_is_shed_first_and_high_last(make_api: ApiFactory) -> None:
+    images = encoded_images(4, seed=173)
+    release = asyncio.Event()
+
+    def slow_upload(data: bytes) -> AsyncIterator[bytes]:
+        async def body() -> AsyncIterator[bytes]:
+            yield data[:10]
+            await release.wait()
+            yield data[10:]
+
+        return body()
+
+    def post(data: bytes, priority: str | None = None) -> Awaitable[httpx.Response]:
+        headers = {**PNG, **({"X-Priority": priority} if priority else {})}
+        return api.client.post("/predict", content=data, headers=headers)
+
+    async with make_api(
+        max_queue_images=3, low_priority_share=0.34, normal_priority_share=0.67
+    ) as api:
+        held = [asyncio.create_task(post(slow_upload(images[0])))]
+        await until(lambda: api.service.requests_in_progress == 1)
+        # One of two places taken: a low-priority request is refused, before routing.
+        refused = await post(images[1], "low")
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "overloaded"
+        held.append(asyncio.create_task(post(slow_upload(images[1]), "normal")))
+        await until(lambda: api.service.requests_in_progress == 2)
+        # Full for normal traffic (and for requests without the header); high still gets in.
+        assert (await post(images[2])).status_code == 429
+        assert (await post(images[2], "normal")).status_code == 429
+        held.append(asyncio.create_task(post(slow_upload(images[2]), "HIGH")))
+        await until(lambda: api.service.requests_in_progress == 3)
+        assert (await post(images[3], "high")).status_code == 429
+        release.set()
+        for task in held:
+            assert (await task).status_code == 200
+        bad = await post(images[3], "urgent")
+        assert bad.status_code == 422, bad.text
+        assert "X-Priority" in bad.json()["error"]["message"]
+        assert (await post(images[3], "low")).status_code == 200
