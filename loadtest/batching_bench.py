@@ -134,21 +134,23 @@ def start_server(
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = RunningServer(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     deadline = time.monotonic() + ready_within
-    with httpx.Client(base_url=server.url, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"server exited with {process.returncode}:\n{tail}")
-            try:
-                # Several workers: every one of them, which the supervisor logs.
-                if client.get("/readyz").status_code == 200 and (
-                    int(env.get("NACGUARD_WORKERS", "1")) <= 1
-                    or "all workers ready" in log_path.read_text(errors="replace")
-                ):
+    ready: set[int] = set()  # worker pids seen ready: with several workers, every one of them
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"server exited with {process.returncode}:\n{tail}")
+        try:
+            # A fresh connection each time: the kernel picks the worker of each connection.
+            with httpx.Client(base_url=server.url, timeout=2.0) as client:
+                health = client.get("/healthz").json()
+            if health["ready"]:
+                ready.add(health.get("pid", 0))
+                if len(ready) >= health.get("workers", 1):
                     return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+                continue
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server not ready within {ready_within}s; log: {log_path}")
 

@@ -224,14 +224,28 @@ async def scrape_batch_histogram(url: str) -> tuple[float, float]:
     return total, count
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (Linux ``/proc``; NaN elsewhere)."""
+    """User + system CPU seconds of process ``pid`` and its live descendants (a supervisor's
+    workers; Linux ``/proc``; NaN elsewhere)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return math.nan
+    children = [process_cpu_seconds(child) for child in _children(pid)]
+    return own + sum(c for c in children if not math.isnan(c))
 
 
 @dataclass
@@ -535,13 +549,15 @@ def _summary(
     )
 
 
-async def _send(conn: HttpConnection, payload: Payload) -> Reply | None:
+async def _send(
+    conn: HttpConnection, payload: Payload, headers: Sequence[tuple[str, str]] = ()
+) -> Reply | None:
     try:
         return await conn.request(
             "POST",
             payload.path,
             payload.body,
-            (("Content-Type", payload.content_type), *payload.headers),
+            (("Content-Type", payload.content_type), *payload.headers, *headers),
         )
     except (HttpError, OSError, TimeoutError):
         return None
@@ -620,6 +636,8 @@ async def open_loop(
     server_pid: int | None = None,
     timeout_s: float = 30.0,
     seed: int = 0,
+    headers: Sequence[tuple[str, str]] = (),
+    arrivals_done: asyncio.Event | None = None,
 ) -> RunResult:
     """Send ``POST {url}/predict`` at ``rate`` requests per second, whatever the answers.
 
@@ -643,6 +661,8 @@ async def open_loop(
         server_pid: the server's process id, to report its CPU time per request.
         timeout_s: per-request timeout (a timeout counts as a transport error).
         seed: seed of the Poisson gaps.
+        headers: extra request headers (e.g. ``X-Priority``).
+        arrivals_done: set when the last request has been sent (to time a recovery).
 
     Raises:
         ValueError: ``rate`` is not positive.
@@ -669,7 +689,7 @@ async def open_loop(
     async def one(conn: HttpConnection, payload: Payload, scheduled: float) -> None:
         if rec.counts(scheduled):
             rec.send_lags.append((time.perf_counter() - scheduled) * 1000.0)
-        reply = await _send(conn, payload)
+        reply = await _send(conn, payload, headers)
         rec.record(scheduled, time.perf_counter(), reply, payload.images)
         idle.append(conn)
 
@@ -694,6 +714,8 @@ async def open_loop(
             task.add_done_callback(tasks.discard)
         i += 1
         due += rng.expovariate(rate) if poisson else 1.0 / rate
+    if arrivals_done is not None:
+        arrivals_done.set()
     await starter
     if tasks:
         await asyncio.wait(set(tasks), timeout=timeout_s + 5.0)

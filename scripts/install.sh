@@ -23,7 +23,7 @@ if [ "${NACGUARD_SKIP_APT:-0}" != "1" ]; then
 fi
 
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e ".[dev,all-models]"
+python -m pip install -q -e ".[dev,all-models,bench,otel]"
 
 # The kserve package (its InferRequest/InferResponse talk to /v2 in tests/e2e). Not a dev extra:
 # kserve 0.21.0 pins psutil<6 and asks for newer pydantic/orjson/cryptography, so resolving it
