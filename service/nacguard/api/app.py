@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 import nacguard
+from nacguard.monitoring.tracing import Tracing
 from nacguard.serving import Service
 from nacguard.settings import Settings
 
@@ -48,7 +49,7 @@ Errors always have the body `{"error": {"code": ..., "message": ...}}`; 429 and 
 for a shorter deadline than the server's."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, tracing: Tracing | None = None) -> FastAPI:
     """Build the app. Nothing is loaded until the lifespan starts.
 
     The lifespan starts loading the profile in the background and returns at once, so the
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Args:
         settings: the validated settings; ``Settings()`` (environment) when omitted.
+        tracing: OpenTelemetry spans (tests pass an in-memory exporter's); by default as the
+            ``OTEL_*`` variables say.
 
     Returns:
         The app; its service is ``app.state.service``.
@@ -70,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ValueError: ``api_keys_file`` is set but unreadable or empty.
     """
     settings = settings if settings is not None else Settings()
-    service = Service(settings)
+    service = Service(settings, tracing=tracing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

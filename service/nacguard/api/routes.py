@@ -215,6 +215,15 @@ async def predict(request: Request) -> Response:
     # pass over path, query, header and cookie parameters, a cache key) cost more than the
     # whole JSON answer; the other routes keep ServiceDep.
     service = await get_service(request)
+    if not service.tracing.enabled:
+        return await _predict(request, service)
+    with service.tracing.server_span("POST /predict", request.headers) as span:
+        response = await _predict(request, service)
+        span.set_attribute("http.response.status_code", response.status_code)
+        return response
+
+
+async def _predict(request: Request, service: Service) -> Response:
     priority = request.scope.get("state", {}).get("priority", Priority.NORMAL)
     # A bad X-Priority is admitted as normal, then answered 422 by _predict_params.
     admission = service.admit(Priority.NORMAL if priority is None else priority)
@@ -231,14 +240,15 @@ async def predict(request: Request) -> Response:
         if x_timeout_ms is not None:
             timeout = min(timeout, x_timeout_ms / 1000.0)
         deadline = time.monotonic() + timeout
-        body = await read_body(request, service.limits.max_body_bytes)
-        content_type = request.headers.get("content-type")
-        # Splitting and hashing a small body takes microseconds; larger bodies (base64 and
-        # sha256 run at ~1 GB/s) are parsed off the event loop: the imaging policy decides.
-        images = await service.offloop.run(
-            cheap_to_parse(len(body)), parse_images, body, content_type, service.limits
-        )
-        del body
+        with service.tracing.span("read body"):
+            body = await read_body(request, service.limits.max_body_bytes)
+            content_type = request.headers.get("content-type")
+            # Splitting and hashing a small body takes microseconds; larger bodies (base64 and
+            # sha256 run at ~1 GB/s) are parsed off the event loop: the imaging policy decides.
+            images = await service.offloop.run(
+                cheap_to_parse(len(body)), parse_images, body, content_type, service.limits
+            )
+            del body
         outcome = await _unless_disconnected(
             request,
             service.predict(

@@ -30,6 +30,7 @@ from nacguard.imaging.decode import (
 )
 from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.monitoring import Metrics
+from nacguard.monitoring.tracing import Tracing
 from nacguard.serving.admission import Admission
 from nacguard.serving.compute import BatchInfo, ImageResult
 from nacguard.serving.drift import DriftRecorder
@@ -84,6 +85,7 @@ class Pipeline:
     limits: InputLimits
     offloop: OffLoop
     gpu: GpuJpegDecoder | None = None
+    tracing: Tracing = field(default_factory=Tracing)
 
     async def predict(
         self,
@@ -94,13 +96,14 @@ class Pipeline:
         admission: Admission,
     ) -> PredictOutcome:
         """See :meth:`nacguard.serving.Service.predict`."""
-        bundle, batcher, store = self.bundle, self.batcher, self.store
+        bundle, batcher, store, tracing = self.bundle, self.batcher, self.store, self.tracing
         caching = store.caching
         hits: dict[int, Prediction] = {}
         if caching:
             # gather() wraps each lookup in a task; with the cache off every lookup misses, and
             # those tasks were a measurable share of a small request's event-loop time.
-            cached = await asyncio.gather(*(store.cache.get(raw.sha256) for raw in images))
+            with tracing.span("cache lookup", **{"nacguard.images": len(images)}):
+                cached = await asyncio.gather(*(store.cache.get(raw.sha256) for raw in images))
             hits = {
                 i: p
                 for i, v in enumerate(cached)
@@ -108,7 +111,10 @@ class Pipeline:
                 and (p := decode_prediction(v, len(bundle.classes), bundle.prediction)) is not None
             }
         misses = [i for i in range(len(images)) if i not in hits]
-        decoded = await self._decode([images[i] for i in misses], misses) if misses else []
+        decoded = []
+        if misses:
+            with tracing.span("decode", **{"nacguard.images": len(misses)}):
+                decoded = await self._decode([images[i] for i in misses], misses)
         admission.queued()
         submitted = time.monotonic()
         try:
@@ -135,6 +141,11 @@ class Pipeline:
         )
         self.metrics.observe_layer_scores([p.layer_scores for p in served])
         batches = sorted({r.batch for r in results}, key=lambda b: b.started)
+        if tracing.enabled:
+            for b in batches:
+                tracing.record("queue wait", submitted, max(submitted, b.started))
+                tracing.record("compute", b.started, b.started + b.compute_s,
+                               **{"nacguard.batch.size": b.size, "nacguard.device": b.device})  # fmt: skip
         outcome = PredictOutcome(
             predictions=served,
             batches=batches,
@@ -154,9 +165,11 @@ class Pipeline:
                 if caching or (reviewing and results[k].prediction.ood)
             ]
             if computed:
+                parent = tracing.current()
 
                 async def after_response() -> None:
-                    await self._record(computed, request_id, caching=caching)
+                    with tracing.span_in(parent, "store", **{"nacguard.images": len(computed)}):
+                        await self._record(computed, request_id, caching=caching)
 
                 outcome.after_response = after_response
         return outcome

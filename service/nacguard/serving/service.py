@@ -44,6 +44,7 @@ from nacguard.errors import BundleError, NotReady, ShuttingDown
 from nacguard.imaging.decode import InputLimits, OffLoop, RawImage, decode_pool_size
 from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.monitoring import DriftReport, Metrics
+from nacguard.monitoring.tracing import Tracing
 from nacguard.serving.admission import Admission, Gate, Priority, wait_until
 from nacguard.serving.compute import DeviceCompute, ImageResult
 from nacguard.serving.drift import DriftRecorder
@@ -61,6 +62,8 @@ class Service:
 
     Args:
         settings: the validated settings.
+        tracing: OpenTelemetry spans; by default as the ``OTEL_*`` variables say (off unless
+            an exporter is configured).
 
     Attributes:
         settings: the settings it was built with.
@@ -71,8 +74,9 @@ class Service:
         on_fatal: called with the exception when loading fails, so the server can exit.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing if tracing is not None else Tracing.from_env()
         self.limits = InputLimits.from_settings(settings)
         self.offloop = OffLoop(decode_pool_size(settings))
         self.bundle: Bundle | None = None
@@ -257,7 +261,15 @@ class Service:
             gpu = GpuJpegDecoder(bundle.device, max_pixels=s.max_image_pixels)
             await asyncio.to_thread(gpu.warmup)
         self._pipeline = Pipeline(
-            bundle, self.batcher, store, metrics, drift, self.limits, self.offloop, gpu
+            bundle,
+            self.batcher,
+            store,
+            metrics,
+            drift,
+            self.limits,
+            self.offloop,
+            gpu,
+            self.tracing,
         )
         # Everything loaded so far (torch, the model, FastAPI, pydantic: ~270k objects) lives as
         # long as the service. Frozen, the collector stops re-scanning it in every full
@@ -320,6 +332,7 @@ class Service:
         if self.store is not None:
             await self.store.close()
         self.offloop.close()
+        self.tracing.shutdown()
         gc.unfreeze()
 
     # --- requests -------------------------------------------------------------------------------
