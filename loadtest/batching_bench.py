@@ -96,6 +96,7 @@ def start_server(
     port: int | None = None,
     log_path: Path | None = None,
     ready_within: float = 180.0,
+    own_session: bool = False,
 ) -> RunningServer:
     """Start ``nacguard serve`` on 127.0.0.1 and wait until ``/readyz`` answers 200.
 
@@ -107,6 +108,10 @@ def start_server(
         port: port to bind; a free one when ``None``.
         log_path: file for the server's output; a temporary file when ``None``.
         ready_within: seconds to wait for readiness.
+        own_session: start it in a session of its own. With the kernel's autogroup scheduling
+            (``/proc/sys/kernel/sched_autogroup_enabled``) a busy machine shares CPU time
+            equally between sessions, not processes: servers compared side by side must each
+            have their own session, or the one in the load generator's session gets less.
 
     Returns:
         The running server (call :meth:`RunningServer.stop`).
@@ -131,7 +136,9 @@ def start_server(
     exe = shutil.which("nacguard")
     command = [exe, "serve"] if exe else [sys.executable, "-m", "nacguard.cli", "serve"]
     with log_path.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=own_session
+        )
     server = RunningServer(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     deadline = time.monotonic() + ready_within
     ready: set[int] = set()  # worker pids seen ready: with several workers, every one of them

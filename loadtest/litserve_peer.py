@@ -33,7 +33,7 @@ from nacguard.settings import DEMO_PROFILE
 __all__ = ["NacguardLitAPI", "main"]
 
 
-class NacguardLitAPI(ls.LitAPI):  # type: ignore[misc]
+class NacguardLitAPI(ls.LitAPI):
     """The bundle behind LitServe.
 
     Args:
@@ -57,7 +57,7 @@ class NacguardLitAPI(ls.LitAPI):  # type: ignore[misc]
 
     def decode_request(self, request: Request) -> torch.Tensor:
         """One JSON body ``{"images": [<base64>]}`` to one preprocessed image."""
-        (text,) = request["images"]  # type: ignore[index]  # LitServe passes the parsed JSON
+        (text,) = request["images"]  # LitServe passes the parsed JSON
         image = Image.open(io.BytesIO(base64.b64decode(text)))
         return self.bundle.preprocess(image)
 

@@ -50,7 +50,6 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
-
 from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, _free_port, start_server
 from loadtest.drivers import HttpConnection, RunResult, closed_loop, merge_runs, open_loop
 from loadtest.workload import Payload, build_payloads
@@ -60,6 +59,9 @@ __all__ = ["ScalePlan", "render_scale_markdown", "run_scale"]
 log = logging.getLogger("nacguard.bench.scale")
 
 NACGUARD = {"workers-1": {"workers": 1}, "workers-2": {"workers": 2}}
+#: On top of the benchmark defaults: one torch thread per worker, and a queue of 128 images per
+#: worker, about 0.1-0.2 s of work here: the bound on queueing delay that overload runs against.
+SCALE_DEFAULTS: dict[str, object] = {"torch_threads": 1, "max_queue_images": 128}
 PEERS = {"litserve-nac": [], "litserve-plain": ["--plain"]}
 
 
@@ -84,14 +86,22 @@ class ScalePlan:
                    stable_runs=2, stable_duration_s=1.0)  # fmt: skip
 
 
-def _start_peer(name: str, flags: Sequence[str], profile: Path | None, log_dir: Path) -> RunningServer:
+def _start_peer(
+    name: str, flags: Sequence[str], profile: Path | None, log_dir: Path
+) -> RunningServer:
     port = _free_port()
     log_path = log_dir / f"server-{name}.log"
-    command = [sys.executable, str(Path(__file__).with_name("litserve_peer.py")), "--port", str(port)]
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("litserve_peer.py")),
+        "--port",
+        str(port),
+    ]
     if profile is not None:
         command += ["--profile", str(profile)]
     with log_path.open("wb") as out:
-        # Its own session: LitServe's worker processes are stopped with it (killpg).
+        # Its own session, as every server here (see start_server's own_session), and its
+        # processes are stopped with it (killpg).
         process = subprocess.Popen([*command, *flags], stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
     server = RunningServer(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
@@ -128,8 +138,9 @@ def _servers(
     def start(name: str) -> tuple[str, RunningServer]:
         if name in PEERS:
             return name, _start_peer(name, PEERS[name], profile, log_dir)
-        settings = {**BENCH_DEFAULTS, "torch_threads": 1, **extra, **NACGUARD[name]}
-        return name, start_server(profile, settings, log_path=log_dir / f"server-{name}.log")
+        settings = {**BENCH_DEFAULTS, **SCALE_DEFAULTS, **extra, **NACGUARD[name]}
+        log_path = log_dir / f"server-{name}.log"
+        return name, start_server(profile, settings, log_path=log_path, own_session=True)
 
     names = [*NACGUARD, *(PEERS if plan.peers else ())]
     with ThreadPoolExecutor(len(names)) as pool:
@@ -168,7 +179,7 @@ async def _flood(
             reply = await probe.request(
                 "POST", "/predict", probe_body.body, (("Content-Type", probe_body.content_type),)
             )
-        except Exception:  # noqa: BLE001 - a broken probe connection is not the server's answer
+        except Exception:  # a broken probe connection is not the server's answer
             await probe.connect()
             continue
         now = time.perf_counter()
@@ -210,7 +221,7 @@ def run_scale(
         merged = {k: merge_runs(v) for k, v in closed.items()}
         target = servers["workers-2"]
         saturation = merged["workers-2"].throughput_rps
-        queue = int(str(extra.get("max_queue_images", 1024)))
+        queue = int(str({**SCALE_DEFAULTS, **extra}["max_queue_images"]))  # per worker
         for rnd in range(plan.stable_runs):
             result = asyncio.run(
                 open_loop(target.url, mixed, rate=0.5 * saturation, label=f"open 0.5x #{rnd + 1}",
