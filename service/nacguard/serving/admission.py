@@ -60,9 +60,10 @@ class Gate:
         self.max_in_progress = max_in_progress
         self.retry_after_s = retry_after_s
         #: The in-progress count at which each priority is shed, by ``Priority`` value.
+        # Rounded up: a small bound (a test's 3) keeps its whole size for normal traffic.
         self.limits = (
-            max(1, math.floor(max_in_progress * low_share)),
-            max(1, math.floor(max_in_progress * normal_share)),
+            max(1, math.ceil(max_in_progress * low_share)),
+            max(1, math.ceil(max_in_progress * normal_share)),
             max_in_progress,
         )
         self.admitted = 0

@@ -163,7 +163,7 @@ async def test_x_priority_low_is_shed_first_and_high_last(make_api: ApiFactory) 
         return api.client.post("/predict", content=data, headers=headers)
 
     async with make_api(
-        max_queue_images=3, low_priority_share=0.34, normal_priority_share=0.67
+        max_queue_images=3, low_priority_share=0.33, normal_priority_share=0.66
     ) as api:
         held = [asyncio.create_task(post(slow_upload(images[0])))]
         await until(lambda: api.service.requests_in_progress == 1)
