@@ -145,11 +145,19 @@ def _servers(
     names = [*NACGUARD, *(PEERS if plan.peers else ())]
     with ThreadPoolExecutor(len(names)) as pool:
         try:
+            errors = []
+            # Every start is collected, also after one failed, so none is left running.
             for future in [pool.submit(start, n) for n in names]:
-                name, server = future.result()
+                try:
+                    name, server = future.result()
+                except RuntimeError as exc:
+                    errors.append(exc)
+                    continue
                 running[name] = server
                 if name in PEERS:
                     peers.add(name)
+            if errors:
+                raise errors[0]
             yield running
         finally:
             for name, server in running.items():
