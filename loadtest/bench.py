@@ -145,7 +145,7 @@ class BenchPlan:
     sweep_configs: tuple[str, ...] = ("batching", "no-batching", "fixed-wait")
     sweep_rounds: int = 2
     sweep_duration_s: float = 2.0
-    parts: tuple[str, ...] = ("closed", "sweep", "open", "inproc")
+    parts: tuple[str, ...] = ("closed", "sweep", "open", "inproc", "scale")
     open_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 2.0)
     open_duration_s: float = 12.0
     open_point_duration_s: float = 4.0
@@ -176,6 +176,8 @@ class BenchPlan:
             inproc_batches=(1, 16),
             inproc_rounds=1,
             inproc_min_s=0.05,
+            # The scale part (four more servers, LitServe among them) only when asked for.
+            parts=("closed", "sweep", "open", "inproc"),
         )
 
 
@@ -534,6 +536,18 @@ def run_bench(
             min_s=plan.inproc_min_s,
             threads=max(1, threads),
         )
+    scale: dict[str, Any] | None = None
+    if "scale" in plan.parts:
+        from loadtest.scale_bench import ScalePlan, run_scale, scale_targets
+
+        log.info("workers, overload and the LitServe peer (scale_bench)")
+        scale_plan = ScalePlan(
+            concurrency=plan.concurrency,
+            rounds=plan.rounds,
+            duration_s=plan.duration_s,
+            warmup_s=plan.warmup_s,
+        )
+        scale = run_scale(scale_plan, profile=profile, extra=extra, log_dir=log_dir)
     meta = _meta(plan, profile, extra)
     meta["load_average_at_start"] = load_at_start
     report: dict[str, Any] = {
@@ -549,6 +563,9 @@ def run_bench(
     report["ratios"] = _ratios(merged, plan.multi_images)
     targets = _targets(merged, opened) if merged else []
     targets += [Target(**t) for t in sweep_targets(report["sweep_table"])]
+    if scale is not None:
+        report["scale"] = scale
+        targets += [Target(**t) for t in scale_targets(scale)]
     report["targets"] = [asdict(t) for t in targets]
     meta["wall_s"] = time.perf_counter() - started
     return report
@@ -761,6 +778,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += _open_table(report)
     if report["in_process"]:
         lines += _inproc_table(report)
+    if report.get("scale"):
+        from loadtest.scale_bench import render_scale_markdown
+
+        lines += ["", "Workers, overload and the LitServe peer (`scale_bench.py`):", ""]
+        lines += [render_scale_markdown(report["scale"])]
     lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         op = ">=" if t["higher_is_better"] else "<="
@@ -956,7 +978,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--parts",
         type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
-        help="what to run, of closed,sweep,open,inproc (default all; open needs closed)",
+        help="what to run, of closed,sweep,open,inproc,scale (default all; open needs closed; "
+        "--quick leaves out scale)",
     )
     p.add_argument(
         "--sweep",

@@ -54,7 +54,7 @@ from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, _free_port, s
 from loadtest.drivers import HttpConnection, RunResult, closed_loop, merge_runs, open_loop
 from loadtest.workload import Payload, build_payloads
 
-__all__ = ["ScalePlan", "render_scale_markdown", "run_scale"]
+__all__ = ["ScalePlan", "render_scale_markdown", "run_scale", "scale_targets"]
 
 log = logging.getLogger("nacguard.bench.scale")
 
@@ -283,6 +283,46 @@ def _ratios(m: Mapping[str, RunResult]) -> dict[str, float]:
         "workers1_over_litserve_nac": ratio("workers-1, json", "litserve-nac, json"),
         "litserve_nac_over_plain": ratio("litserve-nac, json", "litserve-plain, json"),
     }
+
+
+def _target(name: str, value: float, bound: float, higher: bool, detail: str) -> dict[str, Any]:
+    return {"name": name, "value": value, "threshold": bound, "higher_is_better": higher,
+            "detail": detail}  # fmt: skip
+
+
+def scale_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 15's targets from a :func:`run_scale` report (``loadtest.bench.Target`` fields)."""
+    r, c = report["ratios"], report["closed"]
+    out = [
+        _target("NAC screening with --workers 2 >= 1.6x the images/s of --workers 1",
+                r["workers2_over_workers1"], 1.6, True, "closed loop, mixed bodies"),
+        _target(">= 1.5x LitServe + NAC at 32 clients", r["workers2_over_litserve_nac"], 1.5,
+                True, "closed loop, JSON bodies, workers 2 vs LitServe with NAC in predict"),
+    ]  # fmt: skip
+    for key in ("workers-1", "workers-2"):
+        if key in c:
+            out.append(_target(f"server CPU per request <= 0.7 ms ({key})",
+                               c[key]["server_cpu_ms_per_request"], 0.7, False,
+                               "closed loop, whole process tree"))  # fmt: skip
+    for o in report["overload"]:
+        run, f = o["run"], f"{o['fraction']:g}x"
+        other = sum(v for k, v in run["status_codes"].items()
+                    if k not in ("200", "429", "503", "not_sent"))  # fmt: skip
+        out += [
+            _target(f"goodput >= 0.9 of capacity at {f}", o["goodput"], 0.9, True,
+                    f"200s/s over the closed-loop saturation {report['saturation_rps']:.0f} req/s"),
+            _target(f"only 200/429/503 at {f}", float(other), 0.0, False,
+                    f"status codes {run['status_codes']}"),
+            _target(f"refusal p99 <= 50 ms at {f}", run["rejected_p99_ms"], 50.0, False,
+                    "429/503 latency from the scheduled send"),
+            _target(f"full service within 1 s after the {f} flood", o["recovery_s"], 1.0,
+                    False, f"a probe answered 200 within {o['fast_ms']:.0f} ms"),
+        ]  # fmt: skip
+    for run in report["stable"]:
+        ratio = run["p99_ms"] / run["p50_ms"] if run["p50_ms"] else math.nan
+        out.append(_target(f"p99 <= 3x p50 at half saturation ({run['label']})", ratio, 3.0,
+                           False, f"p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms"))  # fmt: skip
+    return out
 
 
 def _fmt(value: Any, fmt: str = "{:.1f}") -> str:

@@ -38,6 +38,7 @@ def fleet(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         workers=2,
         max_batch_size=BATCH,
         max_wait_ms=10_000,
+        batch_wait="fixed",  # a lone image waits the whole window (adaptive might not)
         max_queue_images=16,
         cache_enabled=False,
     )

@@ -47,6 +47,7 @@ from nacguard.monitoring.catalogue import (
 )
 from nacguard.monitoring.collectors import DeviceMemoryCollector, Labelled, multiprocess_registry
 from nacguard.monitoring.drift import DriftReference, DriftReport
+from nacguard.monitoring.drift_gauges import DriftGauges
 from nacguard.monitoring.inputs import BatchStatsLike
 
 __all__ = ["REJECT_REASONS", "BatchStatsLike", "Metrics"]
@@ -115,7 +116,6 @@ class Metrics:
         self._max_class_series = max_class_series
         self._classes: set[str] = set()
         self._classes_fixed = False
-        self._drift_scope: str | None = None
         self._init_http()
         self._init_batching(max_queue_images)
         self._init_predictions(classes, expected_ood_rate, info)
@@ -226,12 +226,13 @@ class Metrics:
         self._review = self._series(Counter, "review_appends")
 
     def _init_drift(self) -> None:
-        self._drift_gauges = {
+        gauges = {
             # Every worker reports the same replica-wide window: the latest report is the one.
             name: self._family(Gauge, name, ("scope",), multiprocess_mode="livemostrecent")
             for name in HELP
             if name.startswith("drift_")
         }
+        self._drift = DriftGauges(gauges, self.model, self.profile)
 
     # --- HTTP ---------------------------------------------------------------------------------
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
@@ -363,34 +364,8 @@ class Metrics:
 
     # --- drift --------------------------------------------------------------------------------
     def set_drift(self, report: DriftReport) -> None:
-        """Export a drift report as gauges labelled by its scope.
-
-        When the scope changes (Redis lost: fleet -> local), the old scope's series are removed
-        so a stale fleet value does not linger beside the live local one.
-        """
-        scope = report.scope
-        if self._drift_scope is not None and self._drift_scope != scope:
-            for gauge in self._drift_gauges.values():
-                # A worker's value file keeps removed series: NaN first, so none lingers.
-                gauge.labels(self.model, self.profile, self._drift_scope).set(math.nan)
-                gauge.remove(self.model, self.profile, self._drift_scope)
-        self._drift_scope = scope
-
-        def value(x: float | None) -> float:
-            return math.nan if x is None else float(x)
-
-        values = {
-            "drift_ood_rate": value(report.ood_rate),
-            "drift_psi": value(report.psi),
-            "drift_ks": value(report.ks),
-            "drift_samples": float(report.samples),
-            "drift_window_seconds": report.window_s,
-            "drift_psi_threshold": report.psi_threshold,
-            "drift_ks_threshold": report.ks_threshold,
-            "drift_drifting": 1.0 if report.drifting else 0.0,
-        }
-        for key, gauge in self._drift_gauges.items():
-            gauge.labels(self.model, self.profile, scope).set(values[key])
+        """Export a drift report as gauges labelled by its scope (see :class:`DriftGauges`)."""
+        self._drift.set(report)
 
     # --- exposition ---------------------------------------------------------------------------
     @property
