@@ -41,6 +41,7 @@ def fleet(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         batch_wait="fixed",  # a lone image waits the whole window (adaptive might not)
         max_queue_images=16,
         cache_enabled=False,
+        grpc_port=0,  # HTTP is what is tested here
     )
     yield proc
     proc.stop()
