@@ -12,6 +12,7 @@ import time
 from enum import IntEnum
 
 from nacguard.errors import Overloaded
+from nacguard.settings import Settings
 
 __all__ = ["Admission", "Gate", "Priority", "wait_until"]
 
@@ -72,6 +73,16 @@ class Gate:
         self.no_admitted.set()
         self.idle = asyncio.Event()
         self.idle.set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Gate:
+        """The gate of ``max_queue_images`` and the priority shares."""
+        return cls(
+            settings.max_queue_images,
+            settings.retry_after_s,
+            low_share=settings.low_priority_share,
+            normal_share=settings.normal_priority_share,
+        )
 
     def check_capacity(self, priority: Priority = Priority.NORMAL) -> None:
         """The overload bound, in one place (the HTTP middleware sheds early through it too).

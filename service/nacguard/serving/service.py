@@ -89,12 +89,7 @@ class Service:
         self._runners: list[Runner[torch.Tensor, ImageResult]] = []
         self._ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
-        self._gate = Gate(
-            settings.max_queue_images,
-            settings.retry_after_s,
-            low_share=settings.low_priority_share,
-            normal_share=settings.normal_priority_share,
-        )
+        self._gate = Gate.from_settings(settings)
         self._drift: DriftRecorder | None = None
         self._pipeline: Pipeline | None = None
 
@@ -260,17 +255,8 @@ class Service:
         if s.gpu_decode and bundle.device.type == "cuda":  # JPEGs decode on the first device
             gpu = GpuJpegDecoder(bundle.device, max_pixels=s.max_image_pixels)
             await asyncio.to_thread(gpu.warmup)
-        self._pipeline = Pipeline(
-            bundle,
-            self.batcher,
-            store,
-            metrics,
-            drift,
-            self.limits,
-            self.offloop,
-            gpu,
-            self.tracing,
-        )
+        parts = (bundle, self.batcher, store, metrics, drift, self.limits, self.offloop)
+        self._pipeline = Pipeline(*parts, gpu, self.tracing)
         # Everything loaded so far (torch, the model, FastAPI, pydantic: ~270k objects) lives as
         # long as the service. Frozen, the collector stops re-scanning it in every full
         # collection; unfrozen, each one stalled all threads for 0.1-0.4 s, every ~1.5 s under
