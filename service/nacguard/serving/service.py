@@ -324,9 +324,8 @@ class Service:
     # --- requests -------------------------------------------------------------------------------
 
     def check_capacity(self, priority: Priority = Priority.NORMAL) -> None:
-        """Raise :class:`~nacguard.errors.Overloaded` when a new request of ``priority`` would be
-        shed; adapters may call it before parsing anything (the bound is :meth:`admit`'s,
-        checked in one place)."""
+        """Raise :class:`~nacguard.errors.Overloaded` if a request of ``priority`` would be shed
+        (:meth:`admit`'s bound; adapters may check it before parsing anything)."""
         self._gate.check_capacity(priority)
 
     def admit(self, priority: Priority = Priority.NORMAL) -> Admission:
