@@ -301,14 +301,16 @@ class StateExtractor:
         def capture_head_out(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
             head_out.append(out)
 
-        pre = self._head.register_forward_pre_hook(capture_head)
-        post = self._head.register_forward_hook(capture_head_out)
-        try:
-            with torch.inference_mode(), self._hooks(capture), self._autocast(x):
+        with torch.inference_mode(), self._hooks(capture), self._autocast(x):
+            # Registered after the autocast hooks, so the head's output seen here is the final
+            # one (under autocast, the fp32 head output that replaces the low-precision one).
+            pre = self._head.register_forward_pre_hook(capture_head)
+            post = self._head.register_forward_hook(capture_head_out)
+            try:
                 logits = self.model(x)
-        finally:
-            pre.remove()
-            post.remove()
+            finally:
+                pre.remove()
+                post.remove()
         if not self._feeds_head(outputs, head_in, head_out, logits):
             return None, False
         states = head_states(logits, outputs, self._head, self.betas)
