@@ -91,6 +91,6 @@ def test_pt_state_dicts_are_read_without_unpickling_code(tmp_path: Path) -> None
     path = tmp_path / "weights.pt"
     path.write_bytes(pickle.dumps(_Payload(marker)))
     # The weights-only unpickler refuses the payload; the loader reports it as one clear line.
-    with pytest.raises(ValueError, match="cannot read weights .*UnpicklingError"):
+    with pytest.raises(ValueError, match=r"cannot read weights .*UnpicklingError"):
         load_state_dict(path)
     assert not marker.exists()

@@ -20,7 +20,6 @@ import contextlib
 import contextvars
 import functools
 import io
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from PIL import Image
 from nacguard.errors import BadImage, NacguardError
 from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.imaging.preprocess import PreprocessSpec, decode_image
-from nacguard.settings import Settings
+from nacguard.settings import Settings, available_cores
 
 __all__ = [
     "INLINE_BYTES",
@@ -202,13 +201,7 @@ def decode_pool_size(settings: Settings) -> int:
     """
     if settings.decode_threads:
         return settings.decode_threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    # The worker-process count, where the settings have one (issue 15's ``workers``).
-    workers = max(1, int(getattr(settings, "workers", 1) or 1))
-    return max(1, cores // workers)
+    return max(1, available_cores() // settings.worker_count)
 
 
 class OffLoop:

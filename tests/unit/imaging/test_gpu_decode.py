@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import threading
 from typing import Any
 
@@ -21,7 +20,7 @@ from nacguard.imaging.decode import InputLimits, RawImage, decode_images, decode
 from nacguard.imaging.gpu_decode import MAX_DECODE_BATCH, GpuJpegDecoder
 from nacguard.imaging.gpu_jpeg import decode_jpeg_batch
 from nacguard.imaging.preprocess import PreprocessSpec
-from nacguard.settings import Settings
+from nacguard.settings import Settings, available_cores
 
 SPEC = PreprocessSpec(size=(64, 64), resize=72)
 LIMITS = InputLimits(
@@ -173,7 +172,12 @@ def test_a_device_call_holds_at_most_max_decode_batch_files() -> None:
     assert gpu.decode([], SPEC) == []
 
 
-def test_decode_pool_is_sized_from_the_cores() -> None:
-    cores = len(os.sched_getaffinity(0))
-    assert decode_pool_size(Settings()) == cores
+def test_decode_pool_is_sized_from_the_cores_and_the_workers() -> None:
+    cores = available_cores()
+    assert decode_pool_size(Settings(workers=1)) == cores
+    # Worker processes share the cores: each gets its share of decode threads, at least one.
+    assert decode_pool_size(Settings(workers=2)) == max(1, cores // 2)
+    assert decode_pool_size(Settings(workers=cores + 1)) == 1
+    auto = Settings()
+    assert decode_pool_size(auto) == max(1, cores // auto.worker_count)
     assert decode_pool_size(Settings(decode_threads=7)) == 7
