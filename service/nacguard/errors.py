@@ -12,6 +12,7 @@ __all__ = [
     "DeadlineExceeded",
     "InferenceFailed",
     "InvalidRequest",
+    "ModelNotFound",
     "NacguardError",
     "NotFound",
     "NotReady",
@@ -74,6 +75,12 @@ class InvalidRequest(NacguardError):
     """Well-typed request with malformed content: bad JSON, bad base64, bad fields."""
 
     status, code = 422, "invalid_request"
+
+
+class ModelNotFound(NacguardError):
+    """The request names a model, or a version, that is not loaded."""
+
+    status, code = 404, "model_not_found"
 
 
 class Overloaded(NacguardError):

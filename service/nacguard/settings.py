@@ -71,6 +71,38 @@ class Settings(BaseSettings):
         default_factory=demo_profile,
         description="Profile bundle directory to serve (default: the bundled demo).",
     )
+    repository: Path | None = Field(
+        None,
+        description="Model repository directory, DIR/<model>/<version>/ each holding a bundle "
+        "(version: a positive integer). Set, it replaces profile: several models and versions "
+        "are served, addressed by name and version. Unset: profile is served as a one-model "
+        "repository.",
+    )
+    repository_mode: Literal["poll", "explicit"] = Field(
+        "poll",
+        description="poll: the repository is rescanned every poll_interval_s and new versions "
+        "are loaded and swapped in by the version policy. explicit: only what the start-up "
+        "scan finds, then changes only through the admin API (needs admin keys).",
+    )
+    poll_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Rescan period in poll mode. Shorter serves a new version sooner, at the "
+        "cost of a directory walk and a stat of each bundle's files per period.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="Model answering requests that name none. Unset: the only model, or the "
+        "first by name.",
+    )
+    version_policy: str = Field(
+        "latest:1",
+        pattern=r"^(latest:[1-9][0-9]*|pinned:[1-9][0-9]*(,[1-9][0-9]*)*)$",
+        description="Which versions of each model are loaded: 'latest:N' (the N highest valid "
+        "versions; each loaded version holds its own weights unless they are equal by sha256) "
+        "or 'pinned:V[,V...]'. The highest loaded version answers requests naming none.",
+    )
     device: str = Field(
         "cpu",
         description="Torch device(s): 'cpu', 'cuda', 'cuda:1', or a comma list "

@@ -45,6 +45,7 @@ _REASONS: dict[type[errors.NacguardError], str] = {
     errors.PayloadTooLarge: "too_large",
     errors.BadImage: "bad_input",
     errors.InvalidRequest: "bad_input",
+    errors.ModelNotFound: "bad_input",
     errors.UnsupportedMediaType: "unsupported",
     errors.AuthenticationRequired: "unauthorized",
     errors.NotFound: "bad_input",
@@ -75,6 +76,7 @@ WWW_AUTHENTICATE = 'Bearer realm="nacguard"'
 #: OpenAPI ``responses`` of the error statuses ``/predict`` can answer.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _describe("An image does not decode (`bad_image`)."),
+    404: _describe("The model or version named is not served (`model_not_found`)."),
     413: _describe(
         "Body, image count, image size or pixel count over its limit (`payload_too_large`)."
     ),

@@ -24,7 +24,7 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -130,6 +130,20 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 _PREDICT_PARAMETERS: list[dict[str, Any]] = [
     {
+        "name": "model",
+        "in": "query",
+        "required": False,
+        "description": "The model to ask (default: the default model).",
+        "schema": {"type": "string", "maxLength": 64},
+    },
+    {
+        "name": "version",
+        "in": "query",
+        "required": False,
+        "description": "The model's version (default: its served version).",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    {
         "name": "top_k",
         "in": "query",
         "required": False,
@@ -202,6 +216,23 @@ def _predict_params(request: Request) -> tuple[int | None, bool, float | None]:
     return top_k, explain, timeout_ms
 
 
+def _target(request: Request) -> tuple[str | None, int | None]:
+    """The ``model`` and ``version`` query parameters (see docs/repository.md).
+
+    Raises:
+        InvalidRequest: a model name over 64 characters or a version that is not >= 1.
+    """
+    model = request.query_params.get("model")
+    if model is not None and not 0 < len(model) <= 64:
+        raise InvalidRequest("model: must be 1 to 64 characters")
+    raw = request.query_params.get("version")
+    if raw is None:
+        return model, None
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidRequest("version: must be a positive integer")
+    return model, int(raw)
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
@@ -229,10 +260,9 @@ async def _predict(request: Request, service: Service) -> Response:
     admission = service.admit(Priority.NORMAL if priority is None else priority)
     try:
         top_k, explain, x_timeout_ms = _predict_params(request)
+        model, version = _target(request)
         settings = service.settings
-        bundle = service.bundle
-        assert bundle is not None  # admitted => loaded
-        classes = len(bundle.classes)
+        classes = len(service.served(model, version).bundle.classes)
         k = min(settings.top_k, classes) if top_k is None else top_k
         if k > classes:
             raise InvalidRequest(f"top_k must be at most {classes}, the number of classes")
@@ -256,13 +286,16 @@ async def _predict(request: Request, service: Service) -> Response:
                 deadline=deadline,
                 request_id=request.state.request_id,
                 admission=admission,
+                model=model,
+                version=version,
             ),
         )
     finally:
         admission.close()
     content = {
-        "model": bundle.model_name,
-        "profile": bundle.name,
+        "model": outcome.model,
+        "version": outcome.version,
+        "profile": outcome.profile,
         "predictions": _prediction_json(outcome, k, explain),
     }
     headers = {
@@ -307,16 +340,24 @@ async def readyz(service: ServiceDep) -> ReadyOut:
 @router.get(
     "/v1/profile",
     response_model=ProfileOut,
-    responses=_NOT_READY,
+    responses={404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422], **_NOT_READY},
     summary="The served model and profile",
 )
-async def profile(service: ServiceDep) -> dict[str, Any]:
-    """Model, classes, monitored layers, threshold and calibration summary."""
-    bundle = service.bundle
-    if bundle is None:
-        service.check_ready()
-    assert bundle is not None
-    return {"identity": bundle.identity, **bundle.describe()}
+async def profile(
+    service: ServiceDep,
+    model: Annotated[str | None, Query(max_length=64, description="Default: the default.")] = None,
+    version: Annotated[int | None, Query(ge=1, description="Default: the served one.")] = None,
+) -> dict[str, Any]:
+    """Model, classes, monitored layers, threshold and calibration summary of a served model
+    version (the default model's served version unless named)."""
+    served = service.served(model, version)
+    bundle = served.bundle
+    return {
+        "identity": bundle.identity,
+        "served_model": served.entry.model,
+        "version": served.entry.version,
+        **bundle.describe(),
+    }
 
 
 @router.get(

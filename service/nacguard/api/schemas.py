@@ -103,7 +103,11 @@ class PredictionOut(BaseModel):
 class PredictResponse(BaseModel):
     """One prediction per image, in request order."""
 
-    model: str
+    model: str = Field(
+        description="The model that answered: its repository name (with a single --profile, "
+        "the architecture's name)."
+    )
+    version: int = Field(description="The model version that answered.")
     profile: str
     predictions: list[PredictionOut]
 
@@ -148,6 +152,8 @@ class ProfileOut(BaseModel):
 
     name: str
     identity: str
+    served_model: str = Field(description="The model's repository name.")
+    version: int = Field(description="The version described.")
     model: dict[str, Any]
     classes: list[str]
     preprocess: dict[str, Any]

@@ -219,8 +219,10 @@ def load_bundle(
     batch_buckets: Iterable[int] = (),
     ood_alpha: float | None = None,
     ood_detector: str = "nac",
+    model: nn.Module | None = None,
 ) -> Bundle:
-    """Load a profile bundle onto a device (call once per device; bundles share nothing).
+    """Load a profile bundle onto a device (call once per device; bundles share nothing
+    unless given ``model``).
 
     Args:
         path: the bundle directory.
@@ -233,6 +235,9 @@ def load_bundle(
         ood_alpha: flag images whose p-value is below it (None: the calibrated threshold).
         ood_detector: "nac", or "fused" (the calibrated Fisher fusion of NAC, MSP and energy
             p-values; needs a bundle that stores their calibration scores).
+        model: the classifier already loaded (on ``device``) from weights with the sha256 this
+            bundle records: a profile-only update shares it instead of reading the weights
+            again. The weights file is still checked against its sha256.
 
     Raises:
         BundleError: missing files, bad schema, failed sha256 check, or a model/profile mismatch.
@@ -243,9 +248,10 @@ def load_bundle(
     if precision not in PRECISIONS:
         raise BundleError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}")
     try:
-        model = build_model(meta["model"], path)
         weights = _checked(path, meta["model"], "weights")
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        if model is None:
+            model = build_model(meta["model"], path)
+            model.load_state_dict(load_file(str(weights)), strict=True)
         tables = load_file(str(_checked(path, meta["nac"], "file")))
         layers = []
         for cfg in meta["nac"]["layers"]:

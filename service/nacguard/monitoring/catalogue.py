@@ -4,6 +4,8 @@ created and recorded in :mod:`nacguard.monitoring.metrics`, and nowhere else."""
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "BATCH_BUCKETS",
     "HELP",
@@ -15,6 +17,11 @@ __all__ = [
     "REJECT_REASONS",
     "REQUEST_BUCKETS",
 ]
+
+#: The constant labels of every series: which model, profile, version and role it describes.
+BASE_LABELS = ("model", "profile", "version", "role")
+#: What an extra label name may look like.
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 #: Reasons work is refused or dropped; ``Metrics.reject`` takes one of these.
 REJECT_REASONS: tuple[str, ...] = (
@@ -88,6 +95,13 @@ HELP: dict[str, str] = {
     "redis_errors": "Redis calls that failed or timed out, by operation.",
     "redis_up": "1 if the last Redis call succeeded, else 0.",
     "review_appends": "OOD images appended to the review stream (or folder).",
+    # the model repository (nacguard.monitoring.exposition.RepositoryMetrics)
+    "model_load_failures": "Model versions refused: failed validation, loading or warm-up "
+    "(the version served before keeps serving).",
+    "model_weight_loads": "Times model weights were read from disk (a profile-only update "
+    "with the same weights sha256 does not read them).",
+    "model_swaps": "Times a model's served version changed.",
+    "model_versions_loaded": "1 for each loaded model version, by role.",
     # drift, labelled by scope (fleet or local)
     "drift_ood_rate": "Share of the drift window flagged OOD (NaN below min samples).",
     "drift_psi": "Population stability index of the drift window vs the reference.",

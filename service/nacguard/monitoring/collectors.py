@@ -24,11 +24,11 @@ class DeviceMemoryCollector(Collector):
     and a scrape must never be the thing that initialises CUDA.
     """
 
-    def __init__(self, model: str, profile: str) -> None:
-        self._labels = [model, profile]
+    def __init__(self, model: str, profile: str, version: str, role: str) -> None:
+        self._labels = [model, profile, version, role]
 
     def collect(self) -> Iterable[Metric]:
-        names = ["model", "profile", "device"]
+        names = ["model", "profile", "version", "role", "device"]
         allocated = GaugeMetricFamily(
             "nacguard_device_memory_allocated_bytes",
             "Accelerator memory held by tensors (torch.cuda.memory_allocated).",

@@ -24,14 +24,13 @@ class DriftGauges:
     """Exports drift reports.
 
     Args:
-        gauges: the ``drift_*`` gauges by catalogue name, labelled model, profile and scope.
-        model: the constant ``model`` label.
-        profile: the constant ``profile`` label.
+        gauges: the ``drift_*`` gauges by catalogue name, labelled by the base labels and scope.
+        labels: the constant base label values (model, profile, version, role).
     """
 
-    def __init__(self, gauges: Mapping[str, Gauge], model: str, profile: str) -> None:
+    def __init__(self, gauges: Mapping[str, Gauge], *labels: str) -> None:
         self._gauges = dict(gauges)
-        self._labels = (model, profile)
+        self._labels = labels
         self._scope: str | None = None
 
     def set(self, report: DriftReport) -> None:

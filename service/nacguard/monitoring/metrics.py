@@ -3,8 +3,8 @@ texts and buckets: :mod:`nacguard.monitoring.catalogue`).
 
 Conventions: names start with ``nacguard_`` and end in their base unit (``_seconds``,
 ``_bytes``, ``_images``) or ``_total`` for counters; durations and sizes are histograms, which
-add up across replicas (summaries do not); every series carries the constant labels ``model``
-and ``profile`` so one dashboard filters by model, and the other labels are small closed sets
+add up across replicas (summaries do not); every series carries the constant labels ``model``,
+``profile``, ``version`` and ``role`` so one dashboard filters by model, and the other labels are small closed sets
 (endpoint templates, status codes, devices, rejection reasons, class labels up to a cap).
 
 The NAC score histogram's buckets are the drift reference's edges (quantiles of the profile's
@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -35,10 +34,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from nacguard.monitoring.catalogue import (
+    BASE_LABELS,
     BATCH_BUCKETS,
     HELP,
     HOLD_BUCKETS,
     INFERENCE_BUCKETS,
+    LABEL_NAME,
     LAYER_BUCKETS,
     OTHER,
     QUEUE_BUCKETS,
@@ -53,8 +54,6 @@ from nacguard.monitoring.inputs import BatchStatsLike
 __all__ = ["REJECT_REASONS", "BatchStatsLike", "Metrics"]
 
 log = logging.getLogger(__name__)
-
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
@@ -81,6 +80,8 @@ class Metrics:
         info: Mapping[str, str] | None = None,
         process_metrics: bool = True,
         layers: Sequence[str] = (),
+        version: str = "1",
+        role: str = "primary",
     ) -> None:
         """Create and register every metric.
 
@@ -101,10 +102,12 @@ class Metrics:
             info: extra constant labels of ``nacguard_model_info`` (version, device, ...).
             process_metrics: export ``nacguard_process_*`` (memory, CPU, fds) of this process.
             layers: the monitored layers: a per-layer score histogram each (a handful of series).
+            process_metrics: export ``nacguard_process_*`` and the device memory gauges.
+            version: the model version (constant label); role: ``primary`` or ``shadow``.
         """
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.model = model
-        self.profile = profile
+        self._base = (model, profile, version, role)
+        self.model, self.profile, self.version, self.role = self._base
         self.drift_reference = drift_reference
         # prometheus_client's labels() validates, builds a key and takes a lock on every call;
         # the hot path keeps the children it has looked up (children are never removed).
@@ -120,34 +123,37 @@ class Metrics:
         self._init_batching(max_queue_images)
         self._init_predictions(classes, expected_ood_rate, info)
         layer_family = self._family(Histogram, "layer_nac_score", ("layer",), buckets=LAYER_BUCKETS)
-        self._layer_children = [layer_family.labels(model, profile, name) for name in layers]
+        self._layer_children = [layer_family.labels(*self._base, name) for name in layers]
         self._init_shared_state()
         self._init_drift()
         # Several workers (PROMETHEUS_MULTIPROC_DIR, set by the supervisor): every value is also
         # in a file, and a scrape of any worker renders the sum over all of them.
         self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-        self._device_memory = DeviceMemoryCollector(model, profile)
+        self._device_memory = DeviceMemoryCollector(*self._base)
         if process_metrics and self._multiprocess_dir is None:
             process = ProcessCollector(namespace="nacguard", registry=None)
-            self.registry.register(Labelled(process, {"model": model, "profile": profile}))
-        self.registry.register(self._device_memory)
+            self.registry.register(
+                Labelled(process, dict(zip(BASE_LABELS, self._base, strict=True)))
+            )
+        if process_metrics:
+            self.registry.register(self._device_memory)
 
     def _family(self, kind: type[_M], name: str, labels: Sequence[str] = (), **kwargs: Any) -> _M:
-        """Metric ``nacguard_<name>`` (help text from :data:`HELP`), labelled model, profile and
-        ``labels``. A gauge's value across several workers is their ``max`` unless it says."""
+        """Metric ``nacguard_<name>`` (help from :data:`HELP`), base labels plus ``labels``. A
+        gauge's value across several workers is their ``max`` unless it says."""
         if kind is Gauge:
             kwargs.setdefault("multiprocess_mode", "max")
         return kind(
             f"nacguard_{name}",
             HELP[name],
-            ["model", "profile", *labels],
+            [*BASE_LABELS, *labels],
             registry=self.registry,
             **kwargs,
         )
 
     def _series(self, kind: type[_M], name: str, **kwargs: Any) -> Any:
         """The one series of an unlabelled :meth:`_family`."""
-        return self._family(kind, name, **kwargs).labels(self.model, self.profile)
+        return self._family(kind, name, **kwargs).labels(*self._base)
 
     def _init_http(self) -> None:
         self._requests = self._family(Counter, "http_requests", ("endpoint", "method", "status"))
@@ -157,7 +163,7 @@ class Metrics:
         )  # fmt: skip
         self._rejections = self._family(Counter, "rejections", ("reason",))
         for reason in REJECT_REASONS:
-            self._rejections.labels(self.model, self.profile, reason)
+            self._rejections.labels(*self._base, reason)
 
     def _init_batching(self, max_queue_images: int | None) -> None:
         device = ("device",)
@@ -189,7 +195,6 @@ class Metrics:
         expected_ood_rate: float,
         info: Mapping[str, str] | None,
     ) -> None:
-        model, profile = self.model, self.profile
         self._scored = self._series(Counter, "images_scored")
         self._ood = self._series(Counter, "images_ood")
         self._predictions = self._family(Counter, "predictions", ("class",))
@@ -197,29 +202,29 @@ class Metrics:
             self._classes = set(classes)
             self._classes_fixed = True
             for label in classes:
-                self._predictions.labels(model, profile, label)
+                self._predictions.labels(*self._base, label)
         self._scores = self._series(
             Histogram, "nac_score", buckets=self.drift_reference.finite_edges
         )
         reference_cdf = self._family(Gauge, "nac_score_reference_cdf", ("le",))
         for edge, share in self.drift_reference.cdf_at_edges():
-            reference_cdf.labels(model, profile, floatToGoString(edge)).set(share)
-        reference_cdf.labels(model, profile, "+Inf").set(1.0)
+            reference_cdf.labels(*self._base, floatToGoString(edge)).set(share)
+        reference_cdf.labels(*self._base, "+Inf").set(1.0)
         self._series(Gauge, "ood_threshold").set(self.drift_reference.threshold)
         self._series(Gauge, "expected_ood_rate").set(expected_ood_rate)
         extra = dict(info or {})
         for key in extra:
-            if not _LABEL_NAME.match(key) or key in ("model", "profile") or key.startswith("__"):
+            if not LABEL_NAME.match(key) or key in BASE_LABELS or key.startswith("__"):
                 raise ValueError(f"invalid info label name {key!r}")
         info_keys = sorted(extra)
         self._family(Gauge, "model_info", info_keys).labels(
-            model, profile, *(str(extra[k]) for k in info_keys)
+            *self._base, *(str(extra[k]) for k in info_keys)
         ).set(1)
 
     def _init_shared_state(self) -> None:
         self._cache = self._family(Counter, "cache_lookups", ("result",))
-        self._cache_hit = self._cache.labels(self.model, self.profile, "hit")
-        self._cache_miss = self._cache.labels(self.model, self.profile, "miss")
+        self._cache_hit = self._cache.labels(*self._base, "hit")
+        self._cache_miss = self._cache.labels(*self._base, "miss")
         self._redis_errors = self._family(Counter, "redis_errors", ("operation",))
         # No series until Redis is in use: without Redis configured there is nothing to be down.
         self._redis_up = self._family(Gauge, "redis_up", multiprocess_mode="livemin")
@@ -232,7 +237,7 @@ class Metrics:
             for name in HELP
             if name.startswith("drift_")
         }
-        self._drift = DriftGauges(gauges, self.model, self.profile)
+        self._drift = DriftGauges(gauges, *self._base)
 
     # --- HTTP ---------------------------------------------------------------------------------
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
@@ -249,8 +254,8 @@ class Metrics:
         children = self._request_children.get(key)
         if children is None:
             children = (
-                self._requests.labels(self.model, self.profile, endpoint, method, str(status)),
-                self._request_seconds.labels(self.model, self.profile, endpoint, method),
+                self._requests.labels(*self._base, endpoint, method, str(status)),
+                self._request_seconds.labels(*self._base, endpoint, method),
             )
             self._request_children[key] = children
         children[0].inc()
@@ -266,7 +271,7 @@ class Metrics:
         if reason not in REJECT_REASONS:
             log.warning("unknown rejection reason %r counted as %r", reason, OTHER)
             reason = OTHER
-        self._rejections.labels(self.model, self.profile, reason).inc()
+        self._rejections.labels(*self._base, reason).inc()
 
     # --- batching -----------------------------------------------------------------------------
     def observe_batch(self, stats: BatchStatsLike) -> None:
@@ -274,7 +279,7 @@ class Metrics:
         time and how long the batch was held for mates."""
         children = self._batch_children.get(stats.device)
         if children is None:
-            labels = (self.model, self.profile, stats.device)
+            labels = (*self._base, stats.device)
             children = (
                 self._batch_size.labels(*labels),
                 self._inference.labels(*labels),
@@ -322,7 +327,7 @@ class Metrics:
         for label in labels:
             child = self._prediction_children.get(label)
             if child is None:
-                child = self._predictions.labels(self.model, self.profile, self._class_label(label))
+                child = self._predictions.labels(*self._base, self._class_label(label))
                 if label in self._classes:  # "other" stays looked up: a new class may fit later
                     self._prediction_children[label] = child
             child.inc()
@@ -352,11 +357,11 @@ class Metrics:
 
     def redis_error(self, operation: str) -> None:
         """Count one failed Redis call; ``operation`` is a fixed name such as ``cache_get``."""
-        self._redis_errors.labels(self.model, self.profile, operation).inc()
+        self._redis_errors.labels(*self._base, operation).inc()
 
     def set_redis_up(self, up: bool) -> None:
         """Whether Redis answers. Call only when Redis is configured."""
-        self._redis_up.labels(self.model, self.profile).set(1 if up else 0)
+        self._redis_up.labels(*self._base).set(1 if up else 0)
 
     def review_appended(self) -> None:
         """Count one record appended to the OOD review stream."""

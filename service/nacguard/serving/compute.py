@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -60,10 +61,16 @@ class DeviceCompute:
     Args:
         bundle: the bundle loaded on this device.
         settings: ``scoring``, ``torch_threads`` and ``max_batch_size``.
+        lock: held while computing; bundles that share one model (a profile-only update of
+            the model repository, old and new version both live during the swap) share it,
+            because the NAC state hooks are attached to the model for the length of a call.
     """
 
-    def __init__(self, bundle: Bundle, settings: Settings) -> None:
+    def __init__(
+        self, bundle: Bundle, settings: Settings, lock: threading.Lock | None = None
+    ) -> None:
         self.bundle = bundle
+        self._lock = lock if lock is not None else threading.Lock()
         self.device = str(bundle.device)
         self._scoring = settings.scoring
         self._threads = settings.torch_threads
@@ -84,10 +91,11 @@ class DeviceCompute:
 
     def __call__(self, items: list[torch.Tensor]) -> list[ImageResult]:
         """Compute one batch; results in item order."""
-        if not self._thread_ready:
-            self._prepare_thread()
-        started = time.monotonic()
-        predictions = self.bundle.predict_batch(torch.stack(items), scoring=self._scoring)
+        with self._lock:
+            if not self._thread_ready:
+                self._prepare_thread()
+            started = time.monotonic()
+            predictions = self.bundle.predict_batch(torch.stack(items), scoring=self._scoring)
         info = BatchInfo(
             device=self.device,
             seq=next(self._seq),

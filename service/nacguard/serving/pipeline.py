@@ -54,6 +54,9 @@ class PredictOutcome:
         cache_hits: images answered from the result cache.
         after_response: side effects (cache puts, review records) to run once the response is
             sent; ``None`` when there are none.
+        model: the model that answered (set by the service).
+        version: its version.
+        profile: its profile's name.
     """
 
     predictions: list[Prediction]
@@ -62,6 +65,9 @@ class PredictOutcome:
     inference_s: float = 0.0
     cache_hits: int = 0
     after_response: Callable[[], Coroutine[Any, Any, None]] | None = None
+    model: str = ""
+    version: int = 0
+    profile: str = ""
 
 
 @dataclass(frozen=True)

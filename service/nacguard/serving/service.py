@@ -6,19 +6,21 @@ nothing here imports a web framework. The public surface:
 * lifecycle: :meth:`Service.launch` (start loading in the background), :meth:`~Service.wait_ready`,
   :meth:`~Service.drain` (first SIGTERM), :meth:`~Service.close` (lifespan exit);
 * state: :attr:`~Service.ready`, :attr:`~Service.draining`, :meth:`~Service.check_ready`
-  (readiness), :attr:`~Service.bundle` (what is served: ``describe()``, ``classes``),
+  (readiness), :attr:`~Service.bundle` (the default model's served bundle: ``describe()``,
+  ``classes``), :meth:`~Service.served` (any loaded model and version), :attr:`~Service.table`,
   :attr:`~Service.limits` and :attr:`~Service.offloop` (input limits and where parsing runs);
 * requests: :meth:`~Service.admit` (the one admission check), then :meth:`~Service.predict`
-  (cache -> decode -> batch -> side effects, :mod:`nacguard.serving.pipeline`);
+  (cache -> decode -> batch -> side effects, :mod:`nacguard.serving.pipeline`) for a model and
+  version (default: the default model's served version);
 * monitoring: :meth:`~Service.drift` and :meth:`~Service.render_metrics`.
 
 Lifecycle:
 
 1. :meth:`Service.launch` starts loading in the background, so an adapter answers liveness (and
    readiness with 503) while a large model loads.
-2. Loading runs off the event loop: the process-wide torch flags (once), one bundle per device,
-   the drift reference, metrics, the store, one runner per device, warm-up batches (sizes 1,
-   every bucket and ``max_batch_size``), then the batcher starts and the service is ready.
+2. The repository (or ``profile``, a one-model repository) is scanned and the versions the
+   policy wants are loaded and warmed up (:mod:`nacguard.serving.loaded`); ready once one
+   serves. In poll mode new versions are then swapped in (:mod:`nacguard.serving.models`).
 3. :meth:`Service.drain` (first SIGTERM): refuse new requests at once, let requests already
    admitted reach the queue, compute everything queued without waiting for batch-mates, and
    wait for the answers to be built. :meth:`Service.close` then releases the store and the
@@ -36,21 +38,21 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-import nacguard
-from nacguard.accel import set_torch_flags
-from nacguard.bundle import Bundle, load_bundle
-from nacguard.engine import AdaptiveWait, Batcher, FixedWait, Runner
+from nacguard.bundle import Bundle
+from nacguard.engine import Batcher
 from nacguard.errors import BundleError, NotReady, ShuttingDown
 from nacguard.imaging.decode import InputLimits, OffLoop, RawImage, decode_pool_size
-from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.monitoring import DriftReport, Metrics
+from nacguard.monitoring.exposition import RepositoryMetrics, render
 from nacguard.monitoring.tracing import Tracing
 from nacguard.serving.admission import Admission, Gate, Priority, wait_until
-from nacguard.serving.compute import DeviceCompute, ImageResult
-from nacguard.serving.drift import DriftRecorder
-from nacguard.serving.pipeline import Pipeline, PredictOutcome
+from nacguard.serving.compute import ImageResult
+from nacguard.serving.loaded import LoadedVersion, WeightsPool, load_version
+from nacguard.serving.models import ModelTable, Reconciler
+from nacguard.serving.pipeline import PredictOutcome
+from nacguard.serving.repository import VersionEntry, VersionPolicy, discover
 from nacguard.settings import Settings
-from nacguard.store import Store, make_store
+from nacguard.store import Store
 
 __all__ = ["Service"]
 
@@ -58,19 +60,16 @@ log = logging.getLogger("nacguard.service")
 
 
 class Service:
-    """Owns the model, batcher, metrics and store of one server process.
+    """Owns the served models (batchers, metrics, stores) of one server process.
 
     Args:
-        settings: the validated settings.
-        tracing: OpenTelemetry spans; by default as the ``OTEL_*`` variables say (off unless
-            an exporter is configured).
+        settings: the validated settings; tracing: OpenTelemetry spans (default: ``OTEL_*``).
 
     Attributes:
-        settings: the settings it was built with.
         limits: the request limits (adapters enforce the count and size ones while parsing).
         offloop: where CPU-bound input work runs (adapters parse bodies through it).
-        bundle: the served bundle of the first device (``None`` until loaded).
-        metrics: the Prometheus metrics (``None`` until loaded).
+        table: the loaded models and versions.
+        repository_metrics: load failures, weight loads and swaps (for the process's life).
         on_fatal: called with the exception when loading fails, so the server can exit.
     """
 
@@ -79,19 +78,24 @@ class Service:
         self.tracing = tracing if tracing is not None else Tracing.from_env()
         self.limits = InputLimits.from_settings(settings)
         self.offloop = OffLoop(decode_pool_size(settings))
-        self.bundle: Bundle | None = None
-        self.metrics: Metrics | None = None
-        self.store: Store | None = None
-        self.batcher: Batcher[torch.Tensor, ImageResult] | None = None
+        self.table = ModelTable(settings.default_model)
+        self.repository_metrics = RepositoryMetrics()
         self.load_error: BaseException | None = None
         self.draining = False
         self.on_fatal: Callable[[BaseException], None] | None = None
-        self._runners: list[Runner[torch.Tensor, ImageResult]] = []
+        self._pool = WeightsPool()
+        self.reconciler = Reconciler(
+            self.table,
+            VersionPolicy.parse(settings.version_policy),
+            self._load,
+            self._pool,
+            self.repository_metrics,
+            retire_timeout_s=settings.drain_timeout_s,
+        )
         self._ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
+        self._poll_task: asyncio.Task[None] | None = None
         self._gate = Gate.from_settings(settings)
-        self._drift: DriftRecorder | None = None
-        self._pipeline: Pipeline | None = None
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -100,10 +104,37 @@ class Service:
         """Loaded, warmed up, and not draining."""
         return self._ready.is_set() and not self.draining
 
+    def _default(self) -> LoadedVersion | None:
+        return self.table.served_or_none(None)
+
+    @property
+    def bundle(self) -> Bundle | None:
+        """The default model's served bundle (first device; None until loaded)."""
+        served = self._default()
+        return served.bundle if served is not None else None
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """The default model's served version's metrics (None until loaded)."""
+        served = self._default()
+        return served.metrics if served is not None else None
+
+    @property
+    def store(self) -> Store | None:
+        """The default model's served version's store (None until loaded)."""
+        served = self._default()
+        return served.store if served is not None else None
+
+    @property
+    def batcher(self) -> Batcher[torch.Tensor, ImageResult] | None:
+        """The default model's served version's batcher (None until loaded)."""
+        served = self._default()
+        return served.batcher if served is not None else None
+
     @property
     def devices(self) -> list[str]:
         """The devices with a runner (empty until loaded)."""
-        return [runner.name for runner in self._runners]
+        return list(self.settings.devices) if self._ready.is_set() else []
 
     @property
     def requests_in_progress(self) -> int:
@@ -112,16 +143,19 @@ class Service:
 
     @property
     def profile_id(self) -> str:
-        """Identity of what is served (cache and drift keys): bundle identity, plus the scoring
-        mode and precision where they change the scores."""
-        if self.bundle is None:
+        """Identity of the default model's served version (cache and drift keys): bundle
+        identity, plus the scoring mode and precision where they change the scores."""
+        served = self._default()
+        if served is None:
             raise NotReady("profile not loaded")
-        ident = self.bundle.identity
-        if not self.settings.scoring:
-            ident += ":noscore"
-        if self.settings.precision != "fp32":
-            ident += f":{self.settings.precision}"
-        return ident
+        return served.profile_id
+
+    def served(self, model: str | None = None, version: int | None = None) -> LoadedVersion:
+        """The loaded version a request for ``model`` / ``version`` gets (default: the default
+        model's served version). Raises NotReady before loading, ModelNotFound (404)."""
+        if not self._ready.is_set():
+            raise self._not_ready()
+        return self.table.get(model, version)
 
     def _not_ready(self) -> NotReady:
         retry = self.settings.retry_after_s
@@ -172,29 +206,23 @@ class Service:
         if self._start_task is None:
             self._start_task = asyncio.create_task(self._start(), name="nacguard-load")
 
-    def _load_bundles(self) -> list[Bundle]:
-        s = self.settings
-        bundles = []
-        for device in s.devices:
-            # Process-wide flags, once per device type, before the first forward.
-            set_torch_flags(device, s.precision, buckets=bool(s.batch_buckets))
-            log.info("loading profile %s onto %s", s.profile, device)
-            bundles.append(
-                load_bundle(
-                    s.profile,
-                    device,
-                    precision=s.precision,
-                    channels_last=s.channels_last,
-                    compile=s.compile,
-                    compile_mode=s.compile_mode,
-                    batch_buckets=s.batch_buckets,
-                    ood_alpha=s.ood_alpha,
-                    ood_detector=s.ood_detector,
-                )
-            )
-        if bundles[0].calibration is None:
-            raise BundleError(f"{s.profile}: the profile has no calibration, so no OOD threshold")
-        return bundles
+    async def _load(self, entry: VersionEntry) -> LoadedVersion:
+        default = self.table.default or self.settings.default_model
+        return await load_version(
+            entry,
+            self.settings,
+            self._pool,
+            self.repository_metrics,
+            limits=self.limits,
+            offloop=self.offloop,
+            tracing=self.tracing,
+            process_metrics=default in (None, entry.model),
+        )
+
+    async def rescan(self) -> None:
+        """Scan the repository once and apply what changed (what each poll does)."""
+        found = await asyncio.to_thread(discover, self.settings)
+        await self.reconciler.apply(found, unload_missing=self.settings.repository_mode == "poll")
 
     async def _start(self) -> None:
         try:
@@ -210,53 +238,7 @@ class Service:
     async def _start_inner(self) -> None:
         s = self.settings
         started = time.monotonic()
-        bundles = await asyncio.to_thread(self._load_bundles)
-        bundle = self.bundle = bundles[0]
-        calibration = bundle.calibration
-        assert calibration is not None  # checked in _load_bundles
-        drift = self._drift = DriftRecorder(calibration, s)
-        metrics = self.metrics = Metrics(
-            model=bundle.model_name,
-            profile=bundle.name,
-            drift_reference=drift.reference,
-            expected_ood_rate=calibration.expected_ood_rate,
-            max_queue_images=s.max_queue_images,
-            classes=bundle.classes,
-            layers=[lp.name for lp in bundle.layers],
-            info={
-                "version": nacguard.__version__,
-                "device": s.device,
-                "precision": s.precision,
-                "identity": bundle.identity,
-            },
-        )
-        store = self.store = make_store(
-            s, self.profile_id, metrics, drift_bins=drift.reference.n_bins
-        )
-        await store.start()
-        drift.attach(store.drift)
-        self._runners = [Runner(DeviceCompute(b, s), name=str(b.device)) for b in bundles]
-        spec = bundle.preprocess
-        dummy = torch.zeros(spec.channels, *spec.size)
-        for runner in self._runners:
-            # The first batch a runner computes warms its bundle up on the runner's own thread.
-            await runner.run([dummy])
-        wait = AdaptiveWait if s.batch_wait == "adaptive" else FixedWait
-        self.batcher = Batcher(
-            self._runners,
-            max_batch_size=s.max_batch_size,
-            policy=wait(s.max_wait_ms / 1000.0),
-            max_queue=s.max_queue_images,
-            retry_after_s=s.retry_after_s,
-            on_batch=metrics.observe_batch,
-        )
-        await self.batcher.start()
-        gpu = None
-        if s.gpu_decode and bundle.device.type == "cuda":  # JPEGs decode on the first device
-            gpu = GpuJpegDecoder(bundle.device, max_pixels=s.max_image_pixels)
-            await asyncio.to_thread(gpu.warmup)
-        parts = (bundle, self.batcher, store, metrics, drift, self.limits, self.offloop)
-        self._pipeline = Pipeline(*parts, gpu, self.tracing)
+        await self.reconciler.initial(await asyncio.to_thread(discover, s), s)
         # Everything loaded so far (torch, the model, FastAPI, pydantic: ~270k objects) lives as
         # long as the service. Frozen, the collector stops re-scanning it in every full
         # collection; unfrozen, each one stalled all threads for 0.1-0.4 s, every ~1.5 s under
@@ -265,21 +247,26 @@ class Service:
         gc.freeze()
         self._ready.set()
         log.info(
-            "ready: %s (%s) on %s in %.1fs",
-            bundle.name,
-            bundle.model_name,
+            "ready: %s on %s in %.1fs",
+            ", ".join(f"{m} {v}" for m, v in self.table.models().items()),
             s.device,
             time.monotonic() - started,
         )
+        if s.repository is not None and s.repository_mode == "poll":
+            self._poll_task = asyncio.create_task(
+                self.reconciler.poll(self.rescan, s.poll_interval_s), name="nacguard-poll"
+            )
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on (readiness turns 503). Idempotent, synchronous."""
         if not self.draining:
             self.draining = True
+            if self._poll_task is not None:
+                self._poll_task.cancel()
             log.info(
                 "draining: %d requests in progress, %d images in flight",
                 self._gate.in_progress,
-                self.batcher.in_flight if self.batcher else 0,
+                sum(lv.batcher.in_flight for lv in self.table.all()),
             )
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - a plain bound
@@ -291,16 +278,27 @@ class Service:
         self.begin_drain()
         deadline = time.monotonic() + timeout
         # Admitted requests still reading or decoding were accepted: let them reach the queue
-        # before the batcher stops taking submits.
+        # before the batchers stop taking submits.
         clean = await wait_until(self._gate.no_admitted, deadline)
-        if self.batcher is not None:
-            await self.batcher.stop(drain=True, timeout=max(0.0, deadline - time.monotonic()))
+        await self._stop_polling()
+        await asyncio.gather(
+            *(
+                lv.batcher.stop(drain=True, timeout=max(0.0, deadline - time.monotonic()))
+                for lv in self.table.all()
+            )
+        )
         clean = await wait_until(self._gate.idle, deadline) and clean
         if clean:
             log.info("drained")
         else:
             log.warning("drain timed out after %ss", timeout)
         return clean
+
+    async def _stop_polling(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
 
     async def close(self) -> None:
         """Release everything (the lifespan's exit). Drains first if no drain ran."""
@@ -309,14 +307,12 @@ class Service:
             self._start_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._start_task
-        if self.batcher is not None:
-            await self.batcher.stop(drain=True, timeout=self.settings.drain_timeout_s)
-        else:
-            for runner in self._runners:
-                runner.close()
+        await self._stop_polling()
         await self.flush_drift()
-        if self.store is not None:
-            await self.store.close()
+        for model, versions in self.table.models().items():
+            for version in versions:
+                self.reconciler.retire(model, version)
+        await self.reconciler.close()
         self.offloop.close()
         self.tracing.shutdown()
         gc.unfreeze()
@@ -329,8 +325,7 @@ class Service:
         self._gate.check_capacity(priority)
 
     def admit(self, priority: Priority = Priority.NORMAL) -> Admission:
-        """Let one predict request in: ready, not draining, and under the in-progress bound
-        of its ``priority`` (low-priority requests are shed first).
+        """Let one predict request in: ready, not draining, under its ``priority``'s bound.
 
         Call :meth:`Admission.close` when the request is answered (or failed).
 
@@ -349,52 +344,57 @@ class Service:
         deadline: float,
         request_id: str,
         admission: Admission,
+        model: str | None = None,
+        version: int | None = None,
     ) -> PredictOutcome:
         """Answer one request: cache lookups, decode the misses, batch them, side effects.
+
+        The version is chosen and leased in one step, so a swap never splits a request, and the
+        version keeps serving it (side effects included) after it is swapped out.
 
         Args:
             images: the request's encoded images (at least one).
             deadline: ``time.monotonic()`` instant after which queued images are dropped.
             request_id: recorded with flagged images.
             admission: the request's admission; released once its images are queued.
+            model: the model's name (default: the default model).
+            version: the version (default: the model's served version).
 
         Returns:
-            The predictions in request order; run ``after_response`` once the answer is sent.
+            The predictions in request order, with the model and version that computed them;
+            run ``after_response`` once the answer is sent.
 
         Raises:
-            NacguardError: a bad image (before anything is queued), or what the batcher raises
-                (overloaded, deadline, shutting down, inference failed).
+            NacguardError: no such model or version (404), a bad image (before anything is
+                queued), or what the batcher raises (overloaded, deadline, shutting down, ...).
         """
-        if self._pipeline is None or not self._ready.is_set():
+        if not self._ready.is_set():
             raise self._not_ready()
-        return await self._pipeline.predict(
+        return await self.table.lease(model, version).predict(
             images, deadline=deadline, request_id=request_id, admission=admission
         )
 
     # --- monitoring -----------------------------------------------------------------------------
 
     async def flush_drift(self) -> None:
-        """Wait until every counted score is in the drift window."""
-        if self._drift is not None:
-            await self._drift.flush()
+        """Wait until every counted score is in the drift windows."""
+        await asyncio.gather(*(lv.drift.flush() for lv in self.table.all()))
 
-    async def drift(self) -> DriftReport:
-        """The drift report of the current window (also exported as gauges)."""
-        if self._drift is None or self.metrics is None or not self._ready.is_set():
-            raise self._not_ready()
-        report = await self._drift.report()
-        self.metrics.set_drift(report)
+    async def drift(self, model: str | None = None, version: int | None = None) -> DriftReport:
+        """The drift report of a version's current window (also exported as gauges); raises
+        like :meth:`served`."""
+        served = self.served(model, version)
+        report = await served.drift.report()
+        served.metrics.set_drift(report)
         return report
 
     async def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
-        """The Prometheus exposition (and its content type), with the scrape-time gauges
-        brought up to date."""
-        metrics = self.metrics
-        if metrics is None:
+        """The Prometheus exposition (and its content type) of every loaded version and the
+        repository, with the scrape-time gauges brought up to date."""
+        if not self._ready.is_set() and not self.table:
             raise self._not_ready()
-        if self.batcher is not None:
-            metrics.set_queue_depth(self.batcher.queue_depth)
-            metrics.set_in_flight(self.batcher.in_flight)
-        if self._ready.is_set():
-            await self.drift()
-        return metrics.render(accept)
+        loaded = self.table.all()
+        for lv in loaded:
+            await lv.refresh_gauges()
+        registries = [lv.metrics.registry for lv in loaded]
+        return render([*registries, self.repository_metrics.registry], accept)

@@ -57,7 +57,7 @@ async def test_drift_counts_computed_scores(make_api: ApiFactory) -> None:
     assert drift["samples"] == 5
     assert drift["enough_samples"] is True
     assert drift["ood_rate"] == pytest.approx(sum(p["ood"] for p in predictions) / 5)
-    assert re.search(r'^nacguard_drift_samples\{.*scope="local"\} 5\.0$', metrics, re.M)
+    assert re.search(r'^nacguard_drift_samples\{.*scope="local",version="1"\} 5\.0$', metrics, re.M)
 
 
 async def test_metrics_exposition(api: Api) -> None:
@@ -69,7 +69,7 @@ async def test_metrics_exposition(api: Api) -> None:
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert re.search(
-        r'^nacguard_http_requests_total\{.*endpoint="/predict",method="POST",.*status="200"\} 1\.0$',
+        r'^nacguard_http_requests_total\{.*endpoint="/predict",method="POST",.*status="200",version="1"\} 1\.0$',
         text,
         re.M,
     )

@@ -72,7 +72,7 @@ def metrics(calibration: np.ndarray) -> Metrics:
         drift_reference=DriftReference(calibration, float(np.quantile(calibration, 0.05))),
         expected_ood_rate=0.05,
         max_queue_images=1024,
-        info={"version": "0.1.0", "device": "cpu"},
+        info={"nacguard_version": "0.1.0", "device": "cpu"},
     )
 
 
@@ -153,7 +153,12 @@ def test_constant_gauges(metrics: Metrics) -> None:
     assert value(metrics, "nacguard_ood_threshold") == metrics.drift_reference.threshold
     assert value(metrics, "nacguard_queue_capacity_images") == 1024
     (labels, one) = samples(metrics, "nacguard_model_info")[0]
-    assert one == 1 and labels["version"] == "0.1.0" and labels["device"] == "cpu"
+    assert (
+        one == 1
+        and labels["nacguard_version"] == "0.1.0"
+        and labels["version"] == "1"
+        and labels["device"] == "cpu"
+    )
 
 
 def test_invalid_info_label_is_refused(calibration: np.ndarray) -> None:
