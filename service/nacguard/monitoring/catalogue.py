@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "BASE_LABELS",
     "BATCH_BUCKETS",
     "HELP",
     "HOLD_BUCKETS",
     "INFERENCE_BUCKETS",
+    "LABEL_NAME",
     "LAYER_BUCKETS",
     "OTHER",
     "QUEUE_BUCKETS",
