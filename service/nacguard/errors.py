@@ -18,6 +18,7 @@ __all__ = [
     "NotReady",
     "Overloaded",
     "PayloadTooLarge",
+    "RepositoryConflict",
     "ShuttingDown",
     "UnsupportedMediaType",
 ]
@@ -81,6 +82,12 @@ class ModelNotFound(NacguardError):
     """The request names a model, or a version, that is not loaded."""
 
     status, code = 404, "model_not_found"
+
+
+class RepositoryConflict(NacguardError):
+    """A model repository admin call that conflicts with what is loaded (or was refused)."""
+
+    status, code = 409, "repository_conflict"
 
 
 class Overloaded(NacguardError):

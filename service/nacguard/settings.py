@@ -282,6 +282,14 @@ class Settings(BaseSettings):
         default_factory=list, description="Accepted API keys (X-API-Key or Bearer). Empty = off."
     )
     api_keys_file: Path | None = Field(None, description="File with one API key per line.")
+    admin_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys of the model repository's admin API (X-Admin-Key header), separate "
+        "from api_keys: a client key never opens it. Empty (and no admin_keys_file) = the admin "
+        "API is off. Only served in repository_mode=explicit, where it is the only way to "
+        "change what is loaded.",
+    )
+    admin_keys_file: Path | None = Field(None, description="File with one admin key per line.")
     auth_exempt_paths: list[str] = Field(
         default_factory=lambda: [
             "/healthz",

@@ -5,6 +5,7 @@ update does not read the weights again; and repositories with junk in them."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import shutil
 import time
@@ -51,6 +52,7 @@ async def _client(client: httpx.AsyncClient, index: int, load: Load, stop: async
         body = IMAGES[i % len(IMAGES)]
         i += CLIENTS
         r = await client.post("/predict", content=body, headers={"Content-Type": "image/png"})
+        assert r.status_code != 401, r.text
         load.statuses[r.status_code] = load.statuses.get(r.status_code, 0) + 1
         load.answered.set()
         if r.status_code == 200:
@@ -61,17 +63,21 @@ async def _client(client: httpx.AsyncClient, index: int, load: Load, stop: async
             )
 
 
-async def _under_load(url: str, change: object, until: str, within: float = 60.0) -> Load:
-    """Run the load clients, make ``change`` (a callable), and keep the load on until
-    ``/metrics`` matches ``until`` (bounded), then a little longer: 20 more answers."""
+async def _under_load(
+    url: str, change: object, until: str, within: float = 60.0, headers: dict | None = None
+) -> Load:
+    """Run the load clients, make ``change`` (a callable, maybe async), and keep the load on
+    until ``/metrics`` matches ``until`` (bounded), then a little longer: 20 more answers."""
     load = Load()
     stop = asyncio.Event()
-    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30.0, headers=headers) as client:
         tasks = [asyncio.create_task(_client(client, k, load, stop)) for k in range(CLIENTS)]
         try:
             await load.wait_for(20)  # steady load before the change
             assert callable(change)
-            change()
+            result = change()
+            if inspect.isawaitable(result):
+                await result
             deadline = time.monotonic() + within
             while not re.search(until, (await client.get("/metrics")).text, re.M):
                 assert time.monotonic() < deadline, f"/metrics never matched {until!r}"
@@ -239,3 +245,107 @@ def test_repository_with_nothing_valid_exits_1(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="exited with 1") as info:
         start_server(None, tmp_path / "none.log", repository=repo)
     assert "no valid model to serve" in str(info.value)
+
+
+CLIENT_KEY, ADMIN_KEY = "client-key-0123456789", "admin-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def explicit(
+    tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Path]
+) -> Iterator[tuple[ServerProcess, Path]]:
+    """Explicit mode, client keys and admin keys; versions 1 and 2 on disk, 1 loaded."""
+    root = tmp_path_factory.mktemp("explicit")
+    shutil.copytree(bundles["a"], root / MODEL / "1")
+    with_threshold(bundles["a"], _stage(root, "2"), threshold=0.3)
+    drop_version(root / ".stage" / "2", root, MODEL, 2)
+    log = tmp_path_factory.mktemp("e2e") / "explicit.log"
+    proc = start_server(
+        None,
+        log,
+        repository=root,
+        repository_mode="explicit",
+        version_policy="pinned:1",
+        cache_enabled=False,
+        api_keys=f'["{CLIENT_KEY}"]',
+        admin_keys=f'["{ADMIN_KEY}"]',
+    )
+    yield proc, root
+    proc.stop()
+
+
+def test_admin_api_load_promote_rollback_under_load(
+    explicit: tuple[ServerProcess, Path],
+) -> None:
+    server, _ = explicit
+    admin = {"X-Admin-Key": ADMIN_KEY}
+    base = f"{server.url}/v1/admin/models/{MODEL}"
+    # The admin API takes only the admin key; a client key is not one.
+    assert httpx.get(f"{server.url}/v1/admin/models").status_code == 401
+    assert (
+        httpx.get(f"{server.url}/v1/admin/models", headers={"X-Admin-Key": CLIENT_KEY}).status_code
+        == 401
+    )
+    assert httpx.get(f"{server.url}/v1/admin/models", headers=admin).json()["models"] == [
+        {"name": MODEL, "versions": [1], "served": 1, "promoted": None}
+    ]
+
+    async def load_v2() -> None:
+        async with httpx.AsyncClient(timeout=60.0) as client:
+            r = await client.post(f"{base}/versions/2/load", headers=admin)
+            assert r.status_code == 200, r.text
+
+    load = asyncio.run(
+        _under_load(
+            server.url,
+            load_v2,
+            rf'^nacguard_model_swaps_total\{{model="{MODEL}"\}} 1\.0$',
+            headers={"X-API-Key": CLIENT_KEY},
+        )
+    )
+    _check_clean(load, before=1, after=2)
+    assert load.thresholds[2] == {0.3}
+    # Rollback serves 1 again, promote serves 2; both are one call and both stay loaded.
+    r = httpx.post(f"{base}/rollback", headers=admin)
+    assert r.status_code == 200 and r.json()["models"][0]["served"] == 1, r.text
+    ask = httpx.post(
+        f"{server.url}/predict",
+        content=IMAGES[0],
+        headers={"Content-Type": "image/png", "X-API-Key": CLIENT_KEY},
+    )
+    assert ask.json()["version"] == 1
+    assert (
+        httpx.post(f"{base}/versions/2/promote", headers=admin).json()["models"][0]["served"] == 2
+    )
+    conflict = httpx.post(f"{base}/versions/2/load", headers=admin)
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "repository_conflict"
+    assert httpx.post(f"{base}/versions/9/load", headers=admin).status_code == 404
+    r = httpx.post(f"{base}/versions/1/unload", headers=admin)
+    assert r.status_code == 200 and r.json()["models"][0]["versions"] == [2], r.text
+    last = httpx.post(f"{base}/versions/2/unload", headers=admin)
+    assert last.status_code == 409
+
+
+def test_admin_load_of_a_broken_version_is_refused(
+    explicit: tuple[ServerProcess, Path], bundles: dict[str, Path]
+) -> None:
+    server, root = explicit
+    corrupt(bundles["a"], _stage(root, "3"), "sha256")
+    drop_version(root / ".stage" / "3", root, MODEL, 3)
+    r = httpx.post(
+        f"{server.url}/v1/admin/models/{MODEL}/versions/3/load",
+        headers={"X-Admin-Key": ADMIN_KEY},
+    )
+    assert r.status_code == 409 and "sha256" in r.json()["error"]["message"], r.text
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(
+        rf'^nacguard_model_load_failures_total\{{model="{MODEL}",reason="load",version="3"\}} 1',
+        metrics,
+        re.M,
+    )
+    ok = httpx.post(
+        f"{server.url}/predict",
+        content=IMAGES[0],
+        headers={"Content-Type": "image/png", "X-API-Key": CLIENT_KEY},
+    )
+    assert ok.status_code == 200 and ok.json()["version"] == 2

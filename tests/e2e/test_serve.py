@@ -205,7 +205,9 @@ async def test_client_that_leaves_takes_its_images_out_of_the_queue(
         await _poll(c, "/metrics", r"^nacguard_in_flight_images\{.*\} 0\.0$", within=5)
         text = await _poll(c, "/metrics", r"^nacguard_queue_images\{.*\} 0\.0$", within=1)
     assert re.search(
-        r'^nacguard_http_requests_total\{endpoint="/predict".*status="499"\} 1\.0$', text, re.M
+        r'^nacguard_http_requests_total\{endpoint="/predict".*status="499",version="1"\} 1\.0$',
+        text,
+        re.M,
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,6 +15,7 @@ from nacguard.monitoring.tracing import Tracing
 from nacguard.serving import Service
 from nacguard.settings import Settings
 
+from .admin import ADMIN_PREFIX, make_admin_router
 from .auth import ApiKeyMiddleware, ApiKeys, document_api_keys, load_api_keys
 from .errors import install_error_handler
 from .middleware import REQUEST_ID_HEADER, RequestContextMiddleware
@@ -21,6 +23,8 @@ from .routes import router
 from .ui import PUBLIC_PATHS, make_ui_router
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("nacguard.api")
 
 # What a browser page on an allowed origin may send and read (CORS).
 _CORS_REQUEST_HEADERS = [
@@ -102,13 +106,20 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
     app.include_router(v2_router)
     exempt = list(settings.auth_exempt_paths)
     keys = load_api_keys(settings)
+    admin_keys = load_api_keys(settings, admin=True)
+    if admin_keys and settings.repository_mode == "explicit":
+        app.include_router(make_admin_router(ApiKeys(admin_keys)))
+    elif admin_keys:
+        log.warning("admin keys are set but repository_mode is poll: the admin API is off")
     if settings.ui_enabled:
         # The page's shell holds no data; what it shows comes from calls that need the key.
         app.include_router(make_ui_router(settings.max_image_pixels, auth_required=bool(keys)))
         exempt.extend(PUBLIC_PATHS)
     # add_middleware puts each new one outside the previous ones.
     if keys:
-        app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(keys), exempt_paths=exempt)
+        app.add_middleware(
+            ApiKeyMiddleware, keys=ApiKeys(keys), exempt_paths=exempt, exempt_prefix=ADMIN_PREFIX
+        )
         document_api_keys(app, exempt)
     if settings.cors_origins:
         app.add_middleware(

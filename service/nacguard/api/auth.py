@@ -38,8 +38,9 @@ log = logging.getLogger("nacguard.auth")
 _MIN_KEY_LENGTH = 16
 
 
-def load_api_keys(settings: Settings) -> list[str]:
-    """The configured keys: ``api_keys`` plus one per line of ``api_keys_file``.
+def load_api_keys(settings: Settings, *, admin: bool = False) -> list[str]:
+    """The configured keys: ``api_keys`` plus one per line of ``api_keys_file`` (with
+    ``admin``: ``admin_keys`` and ``admin_keys_file``).
 
     In the file, blank lines and lines starting with ``#`` are ignored and surrounding
     whitespace is stripped.
@@ -48,16 +49,16 @@ def load_api_keys(settings: Settings) -> list[str]:
         ValueError: ``api_keys_file`` is set but unreadable or holds no key. Authentication was
             asked for, so the server refuses to start rather than run without it.
     """
-    keys = [k.strip() for k in settings.api_keys if k.strip()]
-    path: Path | None = settings.api_keys_file
+    keys = [k.strip() for k in (settings.admin_keys if admin else settings.api_keys) if k.strip()]
+    path: Path | None = settings.admin_keys_file if admin else settings.api_keys_file
     if path is not None:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"api_keys_file {path} cannot be read: {exc}") from None
+            raise ValueError(f"keys file {path} cannot be read: {exc}") from None
         from_file = [s for line in lines if (s := line.strip()) and not s.startswith("#")]
         if not from_file:
-            raise ValueError(f"api_keys_file {path} holds no key")
+            raise ValueError(f"keys file {path} holds no key")
         keys.extend(from_file)
     return keys
 
@@ -114,16 +115,22 @@ class ApiKeyMiddleware:
         app: the wrapped ASGI app.
         keys: the accepted keys.
         exempt_paths: paths served without a key (exact matches).
+        exempt_prefix: paths starting with it are not checked here (the admin API, which
+            checks its own keys).
     """
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, exempt_paths: list[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: ApiKeys, exempt_paths: list[str], exempt_prefix: str = "\0"
+    ) -> None:
         self.app = app
         self.keys = keys
         self.exempt = frozenset(exempt_paths)
+        self.exempt_prefix = exempt_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI call."""
-        if scope["type"] != "http" or scope.get("path", "") in self.exempt:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.exempt or path.startswith(self.exempt_prefix):
             await self.app(scope, receive, send)
             return
         key = _presented_key(scope)

@@ -202,6 +202,16 @@ class Reconciler:
                 self.table.default,
             )
 
+    def refused(self, model: str, version: int, line: str) -> None:
+        """Log and count a version refused before loading (an admin load of a bad bundle)."""
+        log.error("%s version %d refused: %s", model, version, line)
+        self._metrics.load_failed(model, version, "invalid")
+
+    def swapped(self, model: str) -> None:
+        """Count a change of the served version made from outside (a promotion)."""
+        self._metrics.swapped(model)
+        log.info("%s: serving version %s", model, self.table.served_version(model))
+
     async def apply(self, scan: Scan, *, unload_missing: bool = True) -> None:
         """Load what the policy wants from ``scan`` and retire what it no longer wants."""
         async with self._lock:

@@ -45,6 +45,7 @@ from nacguard.imaging.decode import InputLimits, OffLoop, RawImage, decode_pool_
 from nacguard.monitoring import DriftReport, Metrics
 from nacguard.monitoring.exposition import RepositoryMetrics, render
 from nacguard.monitoring.tracing import Tracing
+from nacguard.serving.admin import RepositoryAdmin
 from nacguard.serving.admission import Admission, Gate, Priority, wait_until
 from nacguard.serving.compute import ImageResult
 from nacguard.serving.loaded import LoadedVersion, WeightsPool, load_version
@@ -62,14 +63,12 @@ log = logging.getLogger("nacguard.service")
 class Service:
     """Owns the served models (batchers, metrics, stores) of one server process.
 
-    Args:
-        settings: the validated settings; tracing: OpenTelemetry spans (default: ``OTEL_*``).
+    Args: ``settings`` (validated); ``tracing``: OpenTelemetry spans (default: ``OTEL_*``).
 
     Attributes:
         limits: the request limits (adapters enforce the count and size ones while parsing).
         offloop: where CPU-bound input work runs (adapters parse bodies through it).
-        table: the loaded models and versions.
-        repository_metrics: load failures, weight loads and swaps (for the process's life).
+        table: the loaded models and versions; admin: load/unload/promote/rollback on it;
         on_fatal: called with the exception when loading fails, so the server can exit.
     """
 
@@ -92,6 +91,7 @@ class Service:
             self.repository_metrics,
             retire_timeout_s=settings.drain_timeout_s,
         )
+        self.admin = RepositoryAdmin(self.table, self.reconciler, settings.repository)
         self._ready = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
