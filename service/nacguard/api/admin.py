@@ -38,20 +38,25 @@ ModelName = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9.
 Version = Annotated[int, Path(ge=1, le=999_999_999)]
 
 
-def make_admin_router(keys: ApiKeys) -> APIRouter:
-    """The admin routes, checking ``X-Admin-Key`` against ``keys``."""
+async def _admin(request: Request) -> Service:
+    """The service, once the request's ``X-Admin-Key`` is one of the admin keys."""
+    keys: ApiKeys = request.app.state.admin_keys
+    presented = request.headers.get("x-admin-key")
+    if presented is None or not keys.accepts(presented.strip().encode("utf-8")):
+        raise AuthenticationRequired(
+            "missing admin key: send X-Admin-Key" if presented is None else "invalid admin key"
+        )
+    service: Service = request.app.state.service
+    service.check_ready()
+    return service
 
-    async def admin(request: Request) -> Service:
-        presented = request.headers.get("x-admin-key")
-        if presented is None or not keys.accepts(presented.strip().encode("utf-8")):
-            raise AuthenticationRequired(
-                "missing admin key: send X-Admin-Key" if presented is None else "invalid admin key"
-            )
-        service: Service = request.app.state.service
-        service.check_ready()
-        return service
 
-    AdminDep = Annotated[Service, Depends(admin)]
+AdminDep = Annotated[Service, Depends(_admin)]
+
+
+def make_admin_router() -> APIRouter:
+    """The admin routes; they check ``X-Admin-Key`` against ``app.state.admin_keys`` (an
+    :class:`~nacguard.api.auth.ApiKeys` the app factory sets)."""
     router = APIRouter(prefix=ADMIN_PREFIX.rstrip("/"), tags=["admin"], responses=_RESPONSES)
 
     @router.get("/models", summary="Loaded models and versions")

@@ -108,7 +108,8 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
     keys = load_api_keys(settings)
     admin_keys = load_api_keys(settings, admin=True)
     if admin_keys and settings.repository_mode == "explicit":
-        app.include_router(make_admin_router(ApiKeys(admin_keys)))
+        app.state.admin_keys = ApiKeys(admin_keys)
+        app.include_router(make_admin_router())
     elif admin_keys:
         log.warning("admin keys are set but repository_mode is poll: the admin API is off")
     if settings.ui_enabled:
