@@ -51,14 +51,15 @@ def load_api_keys(settings: Settings, *, admin: bool = False) -> list[str]:
     """
     keys = [k.strip() for k in (settings.admin_keys if admin else settings.api_keys) if k.strip()]
     path: Path | None = settings.admin_keys_file if admin else settings.api_keys_file
+    what = "admin_keys_file" if admin else "api_keys_file"
     if path is not None:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"keys file {path} cannot be read: {exc}") from None
+            raise ValueError(f"{what} {path} cannot be read: {exc}") from None
         from_file = [s for line in lines if (s := line.strip()) and not s.startswith("#")]
         if not from_file:
-            raise ValueError(f"keys file {path} holds no key")
+            raise ValueError(f"{what} {path} holds no key")
         keys.extend(from_file)
     return keys
 
