@@ -119,7 +119,7 @@ async def test_drain_refuses_new_work_and_reports_clean(service: Service) -> Non
 async def test_gpu_decoder_takes_large_jpegs_only(service: Service) -> None:
     # The service builds a GpuJpegDecoder on CUDA only; here the same decoder runs on the CPU
     # (torchvision's libjpeg-turbo) in the pipeline's place, so the routing is what is tested.
-    pipeline = service._pipeline
+    pipeline = service.served().pipeline  # the default model's served version
     assert pipeline is not None and pipeline.gpu is None  # CPU device: no GPU decoding
     gpu = pipeline.gpu = GpuJpegDecoder("cpu", max_pixels=service.limits.max_pixels)
 
