@@ -5,6 +5,7 @@ update does not read the weights again; and repositories with junk in them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import re
 import shutil
@@ -205,6 +206,23 @@ def test_addressing_by_name_and_version(server: ServerProcess) -> None:
     for query in ("model=nope", f"model={MODEL}&version=1"):
         r = httpx.post(f"{server.url}/predict?{query}", content=body, headers=png)
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    # The Open Inference Protocol addresses the same models and versions.
+    infer = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(body).decode()],
+            }
+        ]
+    }
+    v2 = httpx.post(f"{server.url}/v2/models/{MODEL}/versions/3/infer", json=infer)
+    assert v2.status_code == 200, v2.text
+    assert (v2.json()["model_name"], v2.json()["model_version"]) == (MODEL, "3")
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}").json()["versions"] == ["3"]
+    gone = httpx.post(f"{server.url}/v2/models/{MODEL}/versions/1/infer", json=infer)
+    assert gone.status_code == 404, gone.text
 
 
 def test_bad_repository_serves_what_is_valid(tmp_path: Path, bundles: dict[str, Path]) -> None:

@@ -37,11 +37,12 @@ __all__ = [
     "check_model",
     "infer",
     "model_metadata",
+    "resolve_model",
     "server_metadata",
 ]
 
 SERVER_NAME = "nacguard"
-#: The one version of the served model (a server serves one bundle).
+#: The version of a single ``--profile`` bundle (a one-model repository).
 MODEL_VERSION = "1"
 #: Protocol extensions served (REST): the binary tensor data extension.
 EXTENSIONS = ("binary_tensor_data",)
@@ -76,23 +77,49 @@ class InferResult:
     model_name: str
     outputs: list[OutputTensor]
     outcome: PredictOutcome
+    model_version: str = MODEL_VERSION
+
+
+def resolve_model(service: Service, name: str, version: str = "") -> tuple[str, int | None]:
+    """The repository model and version a protocol name and version address.
+
+    A model is named by its repository name, or by the profile name of its served bundle (what
+    a single ``--profile`` server has always answered to); ``version`` is a loaded version
+    number, ``""`` for the served one.
+
+    Raises:
+        NotReady: not loaded yet (names are unknown until then).
+        NotFound: another model, or a version not loaded.
+    """
+    default = service.served()  # NotReady before loading
+    table = service.table
+    models = table.models()
+    model = name if name in models else None
+    if model is None:
+        for candidate in models:
+            served = table.served_or_none(candidate)
+            if served is not None and served.bundle.name == name:
+                model = candidate
+                break
+    if model is None:
+        names = sorted({*models, default.bundle.name})
+        raise NotFound(f"unknown model {name!r}; this server serves {names}")
+    if version == "":
+        return model, None
+    if not version.isdigit() or int(version) not in models[model]:
+        loaded = [str(v) for v in models[model]]
+        raise NotFound(f"unknown version {version!r} of model {name!r}; it has {loaded}")
+    return model, int(version)
 
 
 def check_model(service: Service, name: str, version: str = "") -> None:
-    """Raise unless ``name`` (and ``version``, when given) is the served model.
+    """Raise unless ``name`` (and ``version``, when given) is a served model (version).
 
     Raises:
-        NotReady: the bundle is not loaded yet (its name is unknown until then).
+        NotReady: not loaded yet.
         NotFound: another model or version.
     """
-    bundle = service.bundle
-    if bundle is None:
-        service.check_ready()
-    assert bundle is not None
-    if name != bundle.name:
-        raise NotFound(f"unknown model {name!r}; this server serves {bundle.name!r}")
-    if version not in ("", MODEL_VERSION):
-        raise NotFound(f"unknown version {version!r} of model {name!r}; it has {MODEL_VERSION!r}")
+    resolve_model(service, name, version)
 
 
 def server_metadata() -> dict[str, Any]:
@@ -107,17 +134,16 @@ def model_metadata(service: Service, name: str, version: str = "") -> dict[str, 
         NotReady: not loaded yet.
         NotFound: another model or version.
     """
-    check_model(service, name, version)
-    bundle = service.bundle
-    assert bundle is not None
+    model, number = resolve_model(service, name, version)
+    bundle = service.served(model, number).bundle
     classes = len(bundle.classes)
 
     def shape(spec_shape: tuple[int, ...], output: str) -> list[int]:
         return [-1, classes] if output == "probabilities" else list(spec_shape)
 
     return {
-        "name": bundle.name,
-        "versions": [MODEL_VERSION],
+        "name": name,
+        "versions": [str(v) for v in service.table.models()[model]],
         "platform": _PLATFORM,
         "inputs": [
             {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in INPUTS
@@ -151,7 +177,7 @@ async def infer(
         NacguardError: unknown model, bad inputs or outputs, or what the batcher raises
             (overloaded, deadline, draining, inference failed).
     """
-    check_model(service, call.model_name, call.model_version)
+    model, number = resolve_model(service, call.model_name, call.model_version)
     timeout = service.settings.request_timeout_s
     if timeout_s is not None:
         timeout = min(timeout, timeout_s)
@@ -164,11 +190,16 @@ async def infer(
     # Outputs are checked before any compute, so a bad name costs none.
     check_outputs(call.outputs)
     outcome = await service.predict(
-        images, deadline=deadline, request_id=trace_id, admission=admission
+        images,
+        deadline=deadline,
+        request_id=trace_id,
+        admission=admission,
+        model=model,
+        version=number,
     )
-    assert service.bundle is not None
     return InferResult(
-        model_name=service.bundle.name,
+        model_name=call.model_name,
         outputs=outputs_for(outcome.predictions, call.outputs),
         outcome=outcome,
+        model_version=str(outcome.version),
     )

@@ -27,7 +27,7 @@ from nacguard.api.routes import _unless_disconnected
 from nacguard.errors import InvalidRequest
 from nacguard.serving import Service
 
-from .protocol import MODEL_VERSION, InferCall, check_model, infer, model_metadata, server_metadata
+from .protocol import InferCall, check_model, infer, model_metadata, server_metadata
 from .tensors import InputTensor, OutputTensor
 
 __all__ = ["BINARY_HEADER", "InferenceRequest", "InferenceResponse", "V2Error", "router"]
@@ -365,7 +365,10 @@ async def model_version_infer(
         admission.close()
     if parsed.outputs is None and default_binary:
         binary_outputs = {t.name for t in result.outputs}
-    answer: dict[str, Any] = {"model_name": result.model_name, "model_version": MODEL_VERSION}
+    answer: dict[str, Any] = {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+    }
     if parsed.id is not None:
         answer["id"] = parsed.id
     response = _encode(answer, result.outputs, binary_outputs)

@@ -42,7 +42,6 @@ from . import grpc_predict_v2_pb2 as pb
 from . import grpc_predict_v2_pb2_grpc as pb_grpc
 from .errors import grpc_status, rest_status
 from .protocol import (
-    MODEL_VERSION,
     InferCall,
     check_model,
     infer,
@@ -220,7 +219,7 @@ class _InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 admission.close()
             response = pb.ModelInferResponse(
-                model_name=result.model_name, model_version=MODEL_VERSION, id=request.id
+                model_name=result.model_name, model_version=result.model_version, id=request.id
             )
             for tensor in result.outputs:
                 response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
