@@ -226,7 +226,7 @@ async def test_v2_client_that_leaves_takes_its_images_out_of_the_queue(
         text = await _poll(c, "/metrics", r"^nacguard_queue_images\{.*\} 0\.0$", within=1)
     assert re.search(
         r'^nacguard_http_requests_total\{endpoint="/v2/models/\{model_name\}/infer".*'
-        r'status="499"\} 1\.0$',
+        r'status="499",version="1"\} 1\.0$',
         text,
         re.M,
     ), [line for line in text.splitlines() if "requests_total" in line]
