@@ -164,12 +164,8 @@ class Service:
         return NotReady("loading and warming up the model", retry_after=retry)
 
     def check_ready(self) -> None:
-        """Raise unless the service takes requests (the readiness check).
-
-        Raises:
-            ShuttingDown: draining.
-            NotReady: still loading, or loading failed.
-        """
+        """Raise ShuttingDown (draining) or NotReady (loading, or failed) unless the service
+        takes requests: the readiness check."""
         if self.draining:
             raise ShuttingDown(
                 "the server is shutting down", retry_after=self.settings.retry_after_s
@@ -389,12 +385,15 @@ class Service:
         return report
 
     async def render_metrics(self, accept: str | None) -> tuple[bytes, str]:
-        """The Prometheus exposition (and its content type) of every loaded version and the
-        repository, with the scrape-time gauges brought up to date."""
+        """The exposition of every loaded version and the repository (with several workers:
+        the default version's, summed over the workers' files), gauges brought up to date."""
         if not self._ready.is_set() and not self.table:
             raise self._not_ready()
         loaded = self.table.all()
         for lv in loaded:
             await lv.refresh_gauges()
-        registries = [lv.metrics.registry for lv in loaded]
-        return render([*registries, self.repository_metrics.registry], accept)
+        if loaded and loaded[0].metrics.multiprocess:
+            return loaded[0].metrics.render(accept)
+        return render(
+            [*(lv.metrics.registry for lv in loaded), self.repository_metrics.registry], accept
+        )
