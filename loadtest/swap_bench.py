@@ -53,7 +53,7 @@ def _version(repo: Path, source: Path, number: int, *, new_weights: bool) -> Non
         state = load_file(str(staged / MODEL_FILE))
         first = next(k for k, v in state.items() if v.is_floating_point())
         state[first] = state[first].clone()
-        state[first].view(-1)[0] += 1e-6
+        state[first].view(-1)[0] += 1e-6 * number
         save_file(state, str(staged / MODEL_FILE))
         meta["model"]["sha256"] = sha256_file(staged / MODEL_FILE)
     meta["calibration"]["threshold"] = float(meta["calibration"]["threshold"]) + 1e-4 * number
@@ -95,10 +95,11 @@ async def _phase(
             while time.monotonic() + state["every"] < end + 1.0:
                 await asyncio.sleep(state["every"])  # the swap schedule: a period by design
                 state["next"] += 1
+                # Each version starts from the one before: every other one keeps its weights.
                 await asyncio.to_thread(
                     _version,
                     state["repo"],
-                    state["source"],
+                    state["repo"] / MODEL / str(state["next"] - 1),
                     state["next"],
                     new_weights=state["next"] % 2 == 1,
                 )
