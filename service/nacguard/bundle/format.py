@@ -18,7 +18,6 @@ Nothing is pickled. The weights' and tables' sha256 are checked on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,7 @@ from torch import nn
 import nacguard
 from nacguard.accel import CompileConfig, normalize_buckets
 from nacguard.bundle.refs import build_model
+from nacguard.bundle.refs.common import sha256_file
 from nacguard.bundle.runtime import PRECISIONS, Bundle
 from nacguard.errors import BundleError
 from nacguard.imaging.preprocess import PreprocessSpec
@@ -53,15 +53,6 @@ SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.safetensors"
 NAC_FILE = "nac.safetensors"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_bundle(
