@@ -24,8 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `loadtest` importable (for --kinds)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torchvision
@@ -45,6 +50,24 @@ LAYERS_4 = [
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _round_robin(
+    variants: dict[str, Callable[[], object]], rounds: int, batch: int, dev: torch.device
+) -> dict[str, float]:
+    """Images/s of each variant: one warm-up call each, then ``rounds`` rounds that run every
+    variant in turn (so machine noise hits them alike), median time per round."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    return {k: batch / statistics.median(v) for k, v in times.items()}
 
 
 def run(model_name: str, batch: int, size: int, device: str, rounds: int) -> dict[str, object]:
@@ -74,17 +97,7 @@ def run(model_name: str, batch: int, size: int, device: str, rounds: int) -> dic
     torch.testing.assert_close(
         fast4(x).nac, reference_scores(ref_model, profile4, x), atol=1e-5, rtol=0
     )
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up
-        fn()
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            times[name].append(time.perf_counter() - t0)
-    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    ips = _round_robin(variants, rounds, batch, dev)
     return {
         "model": model_name,
         "batch": batch,
@@ -128,17 +141,7 @@ def run_kinds(
 
             variants[f"{kind}/{role}/plain"] = plain
             variants[f"{kind}/{role}/nac"] = lambda s=scorer: s(x.to(dev))
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up
-        fn()
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            times[name].append(time.perf_counter() - t0)
-    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    ips = _round_robin(variants, rounds, batch, dev)
     return {"model": model_name, "batch": batch, "size": size, "device": str(dev),
             "threads": torch.get_num_threads(), "rounds": rounds, "images_per_s": ips,
             "layers": layers}  # fmt: skip
