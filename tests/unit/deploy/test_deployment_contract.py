@@ -10,6 +10,7 @@ and asserts that the checkers notice, so they cannot pass vacuously.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -260,6 +261,40 @@ def thread_problems(objs: list[Obj]) -> list[str]:
     return []
 
 
+def _resolved(container: Obj, name: str) -> int | None:
+    """An env var as a number: a literal, or ``limits.cpu`` where it comes from there."""
+    limit = container.get("resources", {}).get("limits", {}).get("cpu")
+    for item in container.get("env", []):
+        if item["name"] != name:
+            continue
+        if "value" in item:
+            return int(item["value"])
+        ref = item.get("valueFrom", {}).get("resourceFieldRef", {})
+        if ref.get("resource") == "limits.cpu" and limit is not None:
+            return math.ceil(parse_quantity(limit) / parse_quantity(ref.get("divisor", "1")))
+    return None
+
+
+def worker_problems(objs: list[Obj]) -> list[str]:
+    """Workers times torch threads fit the CPU limit, and use it: every core serves (CPU), and
+    one worker per GPU (a second would add a model copy and a CUDA context)."""
+    _, _, container = _server(objs)
+    limits = container.get("resources", {}).get("limits", {})
+    cores = math.ceil(parse_quantity(limits["cpu"])) if "cpu" in limits else None
+    workers = _resolved(container, "NACGUARD_WORKERS")
+    threads = _resolved(container, "NACGUARD_TORCH_THREADS")
+    if cores is None or workers is None or threads is None:
+        return [f"NACGUARD_WORKERS ({workers}) and _TORCH_THREADS ({threads}) must resolve"]
+    gpus = int(limits.get("nvidia.com/gpu", 0))
+    if gpus and workers != gpus:
+        return [f"NACGUARD_WORKERS is {workers} for {gpus} GPU(s): one worker per GPU"]
+    if workers * threads != cores:
+        return [
+            f"NACGUARD_WORKERS x _TORCH_THREADS = {workers} x {threads}, not limits.cpu {cores}"
+        ]
+    return []
+
+
 def gpu_problems(objs: list[Obj]) -> list[str]:
     """GPU pods ask for a GPU, land on GPU nodes, and run CUDA in fp16."""
     _, pod, container = _server(objs)
@@ -311,6 +346,7 @@ def all_problems(overlay: str, objs: list[Obj]) -> list[str]:
         + shutdown_problems(objs)
         + writable_tmp_problems(objs)
         + thread_problems(objs)
+        + worker_problems(objs)
     )
     for deploy in find(objs, "Deployment"):
         problems += security_problems(deploy) + resource_problems(deploy)
@@ -444,6 +480,15 @@ MUTATIONS: dict[str, tuple[Mutation, str]] = {
     "limit below request": (
         lambda o: _container(o)["resources"]["limits"].update(cpu="100m"),
         "limits.cpu < requests.cpu",
+    ),
+    "workers beyond the cores": (
+        lambda o: _container(o).update(
+            env=[
+                {"name": e["name"], "value": "8"} if e["name"] == "NACGUARD_WORKERS" else e
+                for e in _container(o)["env"]
+            ]
+        ),
+        "NACGUARD_WORKERS",
     ),
     "threads unbounded": (
         lambda o: _container(o).update(
