@@ -97,6 +97,7 @@ def start_server(
     log_path: Path | None = None,
     ready_within: float = 180.0,
     own_session: bool = False,
+    source: Path | None = None,
 ) -> RunningServer:
     """Start ``nacguard serve`` on 127.0.0.1 and wait until ``/readyz`` answers 200.
 
@@ -112,6 +113,8 @@ def start_server(
             (``/proc/sys/kernel/sched_autogroup_enabled``) a busy machine shares CPU time
             equally between sessions, not processes: servers compared side by side must each
             have their own session, or the one in the load generator's session gets less.
+        source: run the server of this source tree (its ``service/`` first on ``PYTHONPATH``)
+            instead of the installed one, e.g. an older commit checked out elsewhere.
 
     Returns:
         The running server (call :meth:`RunningServer.stop`).
@@ -135,6 +138,9 @@ def start_server(
         log_path = Path(tempfile.mkstemp(prefix="nacguard-serve-", suffix=".log")[1])
     exe = shutil.which("nacguard")
     command = [exe, "serve"] if exe else [sys.executable, "-m", "nacguard.cli", "serve"]
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source / "service"), env.get("PYTHONPATH", "")])
+        command = [sys.executable, "-m", "nacguard.cli", "serve"]
     with log_path.open("wb") as out:
         process = subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=own_session

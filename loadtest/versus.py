@@ -1,0 +1,206 @@
+"""This tree against an older commit: the same server settings, the same client, side by side.
+
+Absolute numbers move by 2x between machines and by more on a shared one, so "the hot path got
+cheaper" is a ratio measured in one run: the older commit is checked out into a temporary
+folder (``git worktree``, removed afterwards), one server is started from each tree with the
+same settings, each in a session of its own, and the same closed loop of
+:func:`loadtest.drivers.closed_loop` drives them in interleaved rounds (the order reversed
+every other round)::
+
+    python loadtest/versus.py --against b070289 --out versus-out
+    python loadtest/versus.py --against HEAD~5 --set max_batch_size=1 --rounds 6
+
+Reported per tree: images/s, p50/p99 and server CPU milliseconds per request (the server's
+whole process tree), and the ratios this / older. Settings: the benchmark defaults
+(``batching_bench.BENCH_DEFAULTS``: one worker process, which commits from before workers
+ignore, result cache off, warning-level logs, one torch thread on 2 cores) plus ``--set``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `loadtest` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
+from loadtest.bench import _clean
+from loadtest.drivers import RunResult, closed_loop, merge_runs
+from loadtest.workload import build_payloads
+
+log = logging.getLogger("nacguard.bench.versus")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def _checkout(rev: str) -> Iterator[Path]:
+    """A detached worktree of ``rev`` in a temporary folder, removed on exit."""
+    folder = Path(tempfile.mkdtemp(prefix="nacguard-versus-")) / "tree"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(folder), rev],
+        check=True,
+    )
+    try:
+        yield folder
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder)], check=False
+        )
+
+
+def _commit(tree: Path) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def run_versus(
+    against: str,
+    *,
+    overrides: Mapping[str, object],
+    rounds: int,
+    duration_s: float,
+    concurrency: int,
+    log_dir: Path,
+) -> dict[str, Any]:
+    """Run both servers in interleaved rounds; the report (JSON-able)."""
+    settings = dict(BENCH_DEFAULTS)  # older commits without `workers` ignore it (one process)
+    settings.update({k: str(v) for k, v in overrides.items()})
+    payloads = build_payloads(1024, seed=0)
+    runs: dict[str, list[RunResult]] = {"this": [], "older": []}
+    with _checkout(against) as older:
+        servers: dict[str, RunningServer] = {}
+        try:
+            for name, source in (("this", ROOT), ("older", older)):
+                servers[name] = start_server(
+                    overrides=settings,
+                    log_path=log_dir / f"versus-{name}.log",
+                    own_session=True,
+                    source=source,
+                )
+            for rnd in range(rounds):
+                order = ["this", "older"] if rnd % 2 == 0 else ["older", "this"]
+                for name in order:
+                    s = servers[name]
+                    result = asyncio.run(
+                        closed_loop(
+                            s.url,
+                            payloads,
+                            label=name,
+                            concurrency=concurrency,
+                            duration_s=duration_s,
+                            warmup_s=1.0,
+                            server_pid=s.process.pid,
+                        )
+                    )
+                    log.info(
+                        "round %d %-5s %7.1f img/s  cpu %.3f ms/req  %s",
+                        rnd + 1,
+                        name,
+                        result.images_per_s,
+                        result.server_cpu_ms_per_request,
+                        result.status_codes,
+                    )
+                    runs[name].append(result)
+        finally:
+            for server in servers.values():
+                server.stop()
+        commits = {"this": _commit(ROOT), "older": _commit(older)}
+    merged = {name: merge_runs(rs) for name, rs in runs.items()}
+    this, old = merged["this"], merged["older"]
+    return {
+        "commits": commits,
+        "settings": settings,
+        "plan": {"rounds": rounds, "duration_s": duration_s, "concurrency": concurrency},
+        "load_average_at_end": list(os.getloadavg()),
+        "results": {name: r.to_dict() for name, r in merged.items()},
+        "ratios": {
+            "images_per_s": this.images_per_s / old.images_per_s,
+            "server_cpu_ms_per_request": this.server_cpu_ms_per_request
+            / old.server_cpu_ms_per_request,
+            "p50_ms": this.p50_ms / old.p50_ms,
+        },
+    }
+
+
+def render(report: Mapping[str, Any]) -> str:
+    """The markdown table of a report."""
+    c, s = report["commits"], report["settings"]
+    lines = [
+        f"This tree ({c['this']}) against {c['older']}: closed loop, "
+        f"{report['plan']['concurrency']} clients, {report['plan']['rounds']} interleaved rounds "
+        f"of {report['plan']['duration_s']:g} s; settings {s}.",
+        "",
+        "| tree | commit | images/s | p50 ms | p99 ms | server CPU ms/req | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["results"].items():
+        lines.append(
+            f"| {name} | {c[name]} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['server_cpu_ms_per_request']:.3f} | {r['errors']} |"
+        )
+    q = report["ratios"]
+    lines += [
+        "",
+        f"this / older: images/s **{q['images_per_s']:.2f}x**, server CPU per request "
+        f"**{q['server_cpu_ms_per_request']:.2f}x**, p50 {q['p50_ms']:.2f}x "
+        f"(load average at the end: {', '.join(f'{x:.1f}' for x in report['load_average_at_end'])}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--against", required=True, help="the older commit (any git revision)")
+    p.add_argument("--out", type=Path, default=Path("versus-out"), help="output folder")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per run (4)")
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (32)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting"
+    )
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--set {item!r}: expected NAME=VALUE")
+        overrides[name] = value
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = run_versus(
+        args.against,
+        overrides=overrides,
+        rounds=args.rounds,
+        duration_s=args.duration,
+        concurrency=args.concurrency,
+        log_dir=args.out,
+    )
+    (args.out / "versus.json").write_text(
+        json.dumps(_clean(report), indent=1, allow_nan=False) + "\n"
+    )
+    text = render(report)
+    (args.out / "versus.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
