@@ -11,6 +11,7 @@ from nacguard.imaging.decode import (
     cheap_to_decode,
     cheap_to_parse,
     decode_images,
+    open_if_cheap,
 )
 from nacguard.imaging.preprocess import PRESETS, PreprocessSpec, decode_image, normalize_mode
 
@@ -26,4 +27,5 @@ __all__ = [
     "decode_image",
     "decode_images",
     "normalize_mode",
+    "open_if_cheap",
 ]

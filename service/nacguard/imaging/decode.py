@@ -45,6 +45,7 @@ __all__ = [
     "cheap_to_parse",
     "decode_images",
     "decode_pool_size",
+    "open_if_cheap",
 ]
 
 T = TypeVar("T")
@@ -125,21 +126,44 @@ def cheap_to_decode(
         max_bytes: at most this many encoded bytes in all.
         max_pixels: at most this many pixels (width * height) in all.
     """
+    opened = open_if_cheap(images, max_bytes=max_bytes, max_pixels=max_pixels)
+    for left in opened or ():
+        left.close()
+    return opened is not None
+
+
+def open_if_cheap(
+    images: Sequence[RawImage],
+    *,
+    max_bytes: int = INLINE_BYTES,
+    max_pixels: int = INLINE_PIXELS,
+) -> list[Image.Image] | None:
+    """The images opened (headers read, pixels not) when decoding them is cheap enough for the
+    event loop (see :func:`cheap_to_decode`), else None.
+
+    Hand them to :func:`decode_images` as ``opened``: the headers are parsed once.
+    """
     if sum(len(raw.data) for raw in images) > max_bytes:
-        return False
+        return None
     pixels = 0
+    opened: list[Image.Image] = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for raw in images:
             try:
-                with Image.open(io.BytesIO(raw.data)) as image:
-                    width, height = image.size
+                image = Image.open(io.BytesIO(raw.data))
             except Exception:  # Pillow raises many types for corrupt data
-                return False
+                break
+            opened.append(image)
+            width, height = image.size
             pixels += width * height
             if pixels > max_pixels:
-                return False
-    return True
+                break
+        else:
+            return opened
+    for left in opened:
+        left.close()
+    return None
 
 
 def decode_images(
@@ -148,6 +172,7 @@ def decode_images(
     limits: InputLimits,
     positions: Sequence[int] | None = None,
     gpu: GpuJpegDecoder | None = None,
+    opened: Sequence[Image.Image] | None = None,
 ) -> list[DecodedImage]:
     """Decode and preprocess every image, or fail on the first bad one.
 
@@ -158,6 +183,7 @@ def decode_images(
         positions: each image's index in its request, for error messages (default: 0, 1, ...).
         gpu: decode the JPEGs it takes on the GPU first (when JPEG is an allowed format); the
             rest, and every image it hands back, take the CPU path below.
+        opened: every image as :func:`open_if_cheap` opened it (not with ``gpu``).
 
     Raises:
         BadImage: an image that does not decode.
@@ -180,6 +206,7 @@ def decode_images(
                 max_pixels=limits.max_pixels,
                 allowed_formats=limits.allowed_formats,
                 spec=preprocess,
+                opened=opened[k] if opened is not None else None,
             )
             fmt = (image.format or "").lower()
             tensor = preprocess(image)

@@ -25,8 +25,8 @@ from nacguard.imaging.decode import (
     InputLimits,
     OffLoop,
     RawImage,
-    cheap_to_decode,
     decode_images,
+    open_if_cheap,
 )
 from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.monitoring import Metrics
@@ -184,15 +184,13 @@ class Pipeline:
         """Decode and preprocess ``images``, inline or in the pool (one hop for all): the
         policy of :mod:`nacguard.imaging.decode`; JPEGs on the GPU when it decodes them, never
         from the event loop)."""
-        cheap = cheap_to_decode(images)
+        opened = open_if_cheap(images)
+        if opened is not None:  # the headers just read are decoded from, not parsed again
+            return decode_images(
+                images, self.bundle.preprocess, self.limits, positions, None, opened
+            )
         return await self.offloop.run(
-            cheap,
-            decode_images,
-            images,
-            self.bundle.preprocess,
-            self.limits,
-            positions,
-            None if cheap else self.gpu,
+            False, decode_images, images, self.bundle.preprocess, self.limits, positions, self.gpu
         )
 
     async def _record(self, computed: list[_Computed], request_id: str, *, caching: bool) -> None:

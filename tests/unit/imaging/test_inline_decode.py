@@ -11,15 +11,31 @@ import hashlib
 import warnings
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
+from nacguard.errors import BadImage
 from nacguard.imaging.decode import (
     INLINE_BYTES,
     INLINE_PIXELS,
+    InputLimits,
     RawImage,
     cheap_to_decode,
+    decode_images,
+    open_if_cheap,
 )
+from nacguard.imaging.preprocess import PreprocessSpec
 from tests.fixtures.hostile import encode, png_header_only
+
+SPEC = PreprocessSpec(mode="L", size=(28, 28), resize=None, mean=(0.5,), std=(0.25,))
+LIMITS = InputLimits(
+    max_body_bytes=1 << 20,
+    max_images=8,
+    max_image_bytes=1 << 20,
+    max_pixels=1 << 20,
+    allowed_formats=("PNG", "JPEG"),
+)
 
 
 def _raw(data: bytes) -> RawImage:
@@ -56,3 +72,30 @@ def test_byte_bound_and_unreadable_headers() -> None:
     assert not cheap_to_decode([big])
     assert not cheap_to_decode([_raw(b"not an image")])
     assert not cheap_to_decode([_png(28), _raw(b"")])
+
+
+def test_opened_headers_decode_as_the_bytes_do() -> None:
+    """The inline path decodes from the images ``open_if_cheap`` opened: the same tensors as
+    decoding the bytes afresh, and the same errors for a file that opens but does not decode."""
+    images = [_png(28), _png(9), _raw(encode(Image.new("RGB", (20, 30), (9, 80, 200)), "JPEG"))]
+    opened = open_if_cheap(images)
+    assert opened is not None and len(opened) == len(images)
+    got = decode_images(images, SPEC, LIMITS, opened=opened)
+    fresh = decode_images(images, SPEC, LIMITS)
+    assert [d.content_type for d in got] == ["image/png", "image/png", "image/jpeg"]
+    for a, b in zip(got, fresh, strict=True):
+        assert a.tensor.std() > 0 and torch.equal(a.tensor, b.tensor)
+    truncated = [images[1], _raw(images[0].data[: len(images[0].data) // 2])]
+    opened = open_if_cheap(truncated)
+    assert opened is not None  # the header reads; the pixels do not
+    with pytest.raises(BadImage, match="image 1: cannot decode"):
+        decode_images(truncated, SPEC, LIMITS, opened=opened)
+    with pytest.raises(BadImage, match="image 1: cannot decode"):
+        decode_images(truncated, SPEC, LIMITS)
+
+
+def test_open_if_cheap_answers_as_cheap_to_decode() -> None:
+    side = int(INLINE_PIXELS**0.5)
+    cases = [[_png(28)], [_png(side), _png(2)], [_raw(b"not an image")], [_png(28), _raw(b"")]]
+    for images in cases:
+        assert (open_if_cheap(images) is not None) == cheap_to_decode(images)
