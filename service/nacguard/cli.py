@@ -252,8 +252,8 @@ def _cmd_review_export(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from nacguard.offline import profile_cli
     from nacguard.offline.model_setup import add_model_arguments
-    from nacguard.offline.profile_cli import add_layers_command, add_tune_command
 
     p = argparse.ArgumentParser(prog="nacguard", description=__doc__)
     p.add_argument("--log-level", default="info")
@@ -282,12 +282,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=1000, help="class-balanced images to count")
     b.add_argument("--calibration-samples", type=int, default=2000, help="held-out images")
     b.add_argument("--tpr", type=float, default=0.95)
-    b.add_argument(
-        "--calibration",
-        choices=["global", "per-class"],
-        default="global",
-        help="one threshold, or one per predicted class with enough held-out images",
-    )
+    b.add_argument("--calibration", choices=["global", "per-class"], default="global",
+                   help="one threshold, or one per predicted class with enough held-out images")  # fmt: skip
     b.add_argument("--min-class-samples", type=int, default=200,
                    help="per-class: a class with fewer held-out images uses the global one")  # fmt: skip
     b.add_argument("--seed", type=int, default=0)
@@ -295,8 +291,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=_cmd_profile_build)
 
-    add_layers_command(psub)
-    add_tune_command(psub)
+    for add in (profile_cli.add_layers_command, profile_cli.add_tune_command,
+                profile_cli.add_calibrate_command):  # fmt: skip
+        add(psub)
 
     e = psub.add_parser("eval", help="AUROC / FPR95 / AUPR of NAC, MSP and energy")
     e.add_argument("--profile", required=True)

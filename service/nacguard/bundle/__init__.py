@@ -8,6 +8,7 @@ from nacguard.bundle.format import (
     load_bundle,
     save_bundle,
     sha256_file,
+    write_calibration,
 )
 from nacguard.bundle.runtime import Bundle
 from nacguard.bundle.types import Prediction, WarmupReport
@@ -23,4 +24,5 @@ __all__ = [
     "load_bundle",
     "save_bundle",
     "sha256_file",
+    "write_calibration",
 ]

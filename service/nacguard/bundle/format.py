@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "load_bundle",
     "save_bundle",
     "sha256_file",
+    "write_calibration",
 ]
 
 SCHEMA_VERSION = 1
@@ -79,6 +81,57 @@ def save_bundle(
         # Rewritten only when the weights changed, so rebuilding a profile in place keeps the
         # weights file (and its sha256, part of the bundle identity) byte for byte.
         save_file(state, str(out / MODEL_FILE))
+    _save_tables(out / NAC_FILE, profile, calibration)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nacguard_version": nacguard.__version__,
+        "model": {**model_ref, "weights": MODEL_FILE, "sha256": sha256_file(out / MODEL_FILE)},
+        "preprocess": preprocess.to_dict(),
+        "classes": list(classes),
+        "nac": {
+            "file": NAC_FILE,
+            "sha256": sha256_file(out / NAC_FILE),
+            "samples": profile.samples,
+            "layers": [lp.config.to_dict() for lp in profile.layers],
+        },
+        "calibration": _calibration_meta(calibration),
+        "provenance": provenance or {},
+    }
+    if sanity is not None:
+        meta["sanity"] = sanity
+    _replace_text(out / BUNDLE_FILE, json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def write_calibration(
+    path: Path,
+    profile: NacProfile,
+    calibration: Calibration,
+    *,
+    provenance: dict[str, Any],
+    sanity: dict[str, Any] | None = None,
+) -> Path:
+    """Replace a bundle's calibration (and its ``provenance`` / ``sanity`` entries) in place.
+
+    The weights and the counted tables stay as they are. ``nac.safetensors`` and then
+    ``bundle.json`` are each written to a temporary file and renamed over the old one, so no
+    reader ever sees a half-written file; a load between the two renames fails its sha256 check
+    instead of mixing old and new calibration.
+    """
+    meta = _read_meta(path)
+    _save_tables(path / meta["nac"]["file"], profile, calibration)
+    meta["nac"]["sha256"] = sha256_file(path / meta["nac"]["file"])
+    meta["calibration"] = _calibration_meta(calibration)
+    meta["provenance"] = provenance
+    if sanity is not None:
+        meta["sanity"] = sanity
+    _replace_text(path / BUNDLE_FILE, json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def _save_tables(file: Path, profile: NacProfile, calibration: Calibration | None) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for lp in profile.layers:
         tensors[f"{lp.name}.edges"] = lp.edges.cpu().float().contiguous()
@@ -95,36 +148,31 @@ def save_bundle(
                 # fused statistics are sums of logs: float64, so their ties stay ties
                 dtype = np.float64 if key == "fused" else np.float32
                 tensors[f"calibration.{key}"] = torch.from_numpy(np.sort(values).astype(dtype))
-    save_file(tensors, str(out / NAC_FILE))
-    meta = {
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "nacguard_version": nacguard.__version__,
-        "model": {**model_ref, "weights": MODEL_FILE, "sha256": sha256_file(out / MODEL_FILE)},
-        "preprocess": preprocess.to_dict(),
-        "classes": list(classes),
-        "nac": {
-            "file": NAC_FILE,
-            "sha256": sha256_file(out / NAC_FILE),
-            "samples": profile.samples,
-            "layers": [lp.config.to_dict() for lp in profile.layers],
-        },
-        "calibration": (
-            {
-                k: v
-                for k, v in calibration.summary().items()
-                if k not in {"score_quantiles", "alpha", "detector"}
-            }
-            if calibration
-            else None
-        ),
-        "provenance": provenance or {},
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _replace_text(file: Path, text: str) -> None:
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _calibration_meta(calibration: Calibration | None) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    return {
+        k: v
+        for k, v in calibration.summary().items()
+        if k not in {"score_quantiles", "alpha", "detector"}
     }
-    if sanity is not None:
-        meta["sanity"] = sanity
-    (out / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
 
 
 def _same_tensors(file: Path, state: dict[str, torch.Tensor]) -> bool:

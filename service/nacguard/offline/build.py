@@ -29,7 +29,8 @@ from nacguard.nac.conformal import fused_calibration
 from nacguard.nac.sanity import SanityReport, sanity_check
 from nacguard.offline.datasets import ImageSource, class_balanced_indices
 
-__all__ = ["BuildPlan", "batches", "build_bundle", "split_indices"]
+__all__ = ["BuildPlan", "batches", "build_bundle", "calibrate_columns",
+           "score_columns", "split_indices"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +121,17 @@ def _gather_scores(scores: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _score_columns(
+def score_columns(
     scorer: NacScorer,
     images: Sequence[Image.Image],
-    plan: BuildPlan,
+    preprocess: PreprocessSpec,
+    batch_size: int,
     device: torch.device,
-    desc: str,
+    desc: str = "",
 ) -> np.ndarray:
     """[n, 4] NAC, MSP, energy and predicted class of each image (gathered over ranks)."""
     parts = []
-    for x in batches(images, plan.preprocess, plan.batch_size, desc):
+    for x in batches(images, preprocess, batch_size, desc):
         r = scorer(x.to(device))
         cls = r.logits.argmax(dim=1).to(r.nac.dtype)
         parts.append(torch.stack([r.nac, r.msp, r.energy, cls], dim=1).cpu().numpy())
@@ -137,18 +139,27 @@ def _score_columns(
     return _gather_scores(local)
 
 
-def _calibrate(plan: BuildPlan, columns: np.ndarray, source: str) -> Calibration:
+def calibrate_columns(
+    columns: np.ndarray,
+    source: str,
+    *,
+    n_classes: int,
+    tpr: float = 0.95,
+    mode: str = "global",
+    min_class_samples: int = 200,
+) -> Calibration:
+    """The calibration of held-out InD images from their ``[n, 4]`` NAC, MSP, energy and
+    predicted-class columns: TPR threshold (global, or per predicted class with at least
+    ``min_class_samples`` images), and the sorted scores behind every detector's p-value."""
     nac, msp, energy, predicted = columns.T
     per_class: tuple[tuple[float, ...] | None, tuple[int, ...] | None] = (None, None)
-    if plan.calibration == "per-class":
-        per_class = class_thresholds(
-            nac, predicted.astype(int), len(plan.classes), plan.tpr, plan.min_class_samples
-        )
-    elif plan.calibration != "global":
-        raise ValueError(f"calibration must be 'global' or 'per-class', not {plan.calibration!r}")
+    if mode == "per-class":
+        per_class = class_thresholds(nac, predicted.astype(int), n_classes, tpr, min_class_samples)
+    elif mode != "global":
+        raise ValueError(f"calibration must be 'global' or 'per-class', not {mode!r}")
     return Calibration(
-        tpr=plan.tpr,
-        threshold=threshold_at_tpr(nac, plan.tpr),
+        tpr=tpr,
+        threshold=threshold_at_tpr(nac, tpr),
         scores=np.sort(nac),
         source=source,
         msp=np.sort(msp),
@@ -205,14 +216,19 @@ def build_bundle(
         profile = _reduce(builder.profile(), device)
         scorer = NacScorer(model, profile, device=device)
         cal_images = [cal_source.images[int(i)] for i in shard_cal]
-        columns = _score_columns(scorer, cal_images, plan, device, "calibrating" if show else "")
+        columns = score_columns(scorer, cal_images, prep, bs, device, "calibrating" if show else "")
         # The sanity check re-scores the counted images: does the profile know them better
         # than held-out InD images?
-        counted = _score_columns(scorer, count_images, plan, device, "checking" if show else "")
+        counted = score_columns(scorer, count_images, prep, bs, device, "checking" if show else "")
         if rank != 0:
             return None
-        calibration = _calibrate(
-            plan, columns, f"{cal_source.name} ({len(cal_idx)} images, none of them counted)"
+        calibration = calibrate_columns(
+            columns,
+            f"{cal_source.name} ({len(cal_idx)} images, none of them counted)",
+            n_classes=len(plan.classes),
+            tpr=plan.tpr,
+            mode=plan.calibration,
+            min_class_samples=plan.min_class_samples,
         )
         sanity: SanityReport = sanity_check(counted[:, 0], columns[:, 0])
         for warning in sanity.warnings:

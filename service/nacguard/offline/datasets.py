@@ -3,8 +3,10 @@
 :func:`load_source` turns a short spec string into an :class:`ImageSource` (a sequence of PIL
 images, optional integer labels and class names). Specs:
 
-``fashion-mnist:train`` / ``fashion-mnist:test`` (and ``train-fit`` / ``train-holdout``, the demo's
-split of the train split, see :func:`fashion_mnist_holdout_split`)
+``fashion-mnist:train`` / ``fashion-mnist:test`` (and ``train-fit`` / ``train-holdout``, the
+two-way split of the train split, :func:`fashion_mnist_holdout_split`; ``train-core`` /
+``train-holdout`` / ``train-calibration``, the demo's three-way split,
+:func:`fashion_mnist_calibration_split`)
     The gzip idx files of the Debian package ``dataset-fashion-mnist``, read from
     ``/usr/share/datasets/fashion-mnist`` (override the folder with the environment variable
     ``NACGUARD_FASHION_MNIST_DIR``). Magic numbers and sizes are validated. 28x28 'L' images,
@@ -40,11 +42,13 @@ from PIL import Image
 
 from nacguard.offline.fashion_mnist import (
     _FMNIST_FILES,
+    FASHION_MNIST_CALIBRATION,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR_ENV,
     FASHION_MNIST_HOLDOUT,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    fashion_mnist_calibration_split,
     fashion_mnist_dir,
     fashion_mnist_holdout_split,
     load_fashion_mnist,
@@ -53,6 +57,7 @@ from nacguard.offline.fashion_mnist import (
 from nacguard.offline.synthetic import SYNTHETIC_KINDS, synthetic_images
 
 __all__ = [
+    "FASHION_MNIST_CALIBRATION",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR_ENV",
     "FASHION_MNIST_HOLDOUT",
@@ -64,6 +69,7 @@ __all__ = [
     "ImageSource",
     "PathImages",
     "class_balanced_indices",
+    "fashion_mnist_calibration_split",
     "fashion_mnist_dir",
     "fashion_mnist_holdout_split",
     "image_files",
@@ -265,17 +271,18 @@ def _limit(source: ImageSource, limit: int | None, seed: int) -> ImageSource:
 
 
 def _fashion_mnist_source(split: str) -> ImageSource:
-    base = {"train-fit": "train", "train-holdout": "train"}.get(split, split)
+    parts = ("train-fit", "train-holdout", "train-core", "train-calibration")
+    base = "train" if split in parts else split
     if base not in _FMNIST_FILES:
         raise ValueError(
             f"unknown Fashion-MNIST split {split!r} in 'fashion-mnist:{split}'; use "
-            "fashion-mnist:train, fashion-mnist:test, fashion-mnist:train-fit or "
-            "fashion-mnist:train-holdout"
+            "fashion-mnist:train, fashion-mnist:test or fashion-mnist:" + " / ".join(parts)
         )
     images, labels = load_fashion_mnist(base)  # type: ignore[arg-type]
     if base != split:
         fit, held = fashion_mnist_holdout_split(images.shape[0])
-        keep = fit if split == "train-fit" else held
+        core, _, cal = fashion_mnist_calibration_split(images.shape[0])
+        keep = dict(zip(parts, (fit, held, core, cal), strict=True))[split]
         images, labels = images[keep], labels[keep]
     return ImageSource(
         images=ArrayImages(np.ascontiguousarray(images)),

@@ -13,11 +13,13 @@ from typing import Literal
 import numpy as np
 
 __all__ = [
+    "FASHION_MNIST_CALIBRATION",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR_ENV",
     "FASHION_MNIST_HOLDOUT",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "fashion_mnist_calibration_split",
     "fashion_mnist_dir",
     "fashion_mnist_holdout_split",
     "load_fashion_mnist",
@@ -167,3 +169,30 @@ def fashion_mnist_holdout_split(
         raise ValueError(f"cannot hold out {holdout} of {n} images")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[:-holdout]), np.sort(perm[-holdout:])
+
+
+#: Size of the demo's calibration part of the train split (see
+#: :func:`fashion_mnist_calibration_split`).
+FASHION_MNIST_CALIBRATION = 10_000
+
+
+def fashion_mnist_calibration_split(
+    n: int = 60_000,
+    seed: int = 0,
+    holdout: int = FASHION_MNIST_HOLDOUT,
+    calibration: int = FASHION_MNIST_CALIBRATION,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The demo's three-way split of the train split: (core, held-out, calibration), sorted.
+
+    The same seeded permutation as :func:`fashion_mnist_holdout_split`: its last ``holdout``
+    positions are the held-out part (``train-holdout``: checkpoint selection and NAC tuning),
+    the ``calibration`` positions before them the calibration part (``train-calibration``),
+    the rest the core (``train-core``: the demo model is trained on it and its profile counts
+    from it). Nothing chooses anything on the calibration part, so its scores are exchangeable
+    with fresh images of the same distribution. ``train-fit`` is core plus calibration.
+    """
+    if not (holdout > 0 and calibration > 0 and holdout + calibration < n):
+        raise ValueError(f"cannot hold out {holdout} + {calibration} of {n} images")
+    perm = np.random.default_rng(seed).permutation(n)
+    cut = n - holdout - calibration
+    return np.sort(perm[:cut]), np.sort(perm[-holdout:]), np.sort(perm[cut:-holdout])

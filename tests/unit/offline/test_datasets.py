@@ -22,6 +22,7 @@ from nacguard.offline.datasets import (
     ImageSource,
     PathImages,
     class_balanced_indices,
+    fashion_mnist_calibration_split,
     fashion_mnist_holdout_split,
     load_fashion_mnist,
     load_source,
@@ -165,6 +166,21 @@ def test_holdout_split() -> None:
         fashion_mnist_holdout_split(50, holdout=50)
 
 
+def test_calibration_split_is_three_disjoint_parts_of_one_permutation() -> None:
+    core, held, cal = fashion_mnist_calibration_split(50, seed=3, holdout=8, calibration=10)
+    assert (len(core), len(held), len(cal)) == (32, 8, 10)
+    assert np.array_equal(np.sort(np.concatenate([core, held, cal])), np.arange(50))
+    assert all(np.all(np.diff(part) > 0) for part in (core, held, cal))
+    # The hold-out is the one of fashion_mnist_holdout_split; its fit part is core + calibration.
+    fit, held2 = fashion_mnist_holdout_split(50, seed=3, holdout=8)
+    assert np.array_equal(held, held2)
+    assert np.array_equal(np.sort(np.concatenate([core, cal])), fit)
+    other = fashion_mnist_calibration_split(50, seed=4, holdout=8, calibration=10)[2]
+    assert not np.array_equal(cal, other)  # the seed matters
+    with pytest.raises(ValueError, match="hold out 8 \\+ 42 of 50"):
+        fashion_mnist_calibration_split(50, holdout=8, calibration=42)
+
+
 def test_fashion_mnist_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FASHION_MNIST_DIR_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=FASHION_MNIST_DIR_ENV):
@@ -206,6 +222,13 @@ def test_real_train_fit_and_holdout(monkeypatch: pytest.MonkeyPatch) -> None:
     _, held_idx = fashion_mnist_holdout_split()
     np.testing.assert_array_equal(held.labels, labels[held_idx])
     np.testing.assert_array_equal(np.asarray(held.images[7]), images[held_idx[7]])
+    core = load_source("fashion-mnist:train-core")
+    cal = load_source("fashion-mnist:train-calibration")
+    assert (len(core), len(cal)) == (45_000, 10_000)
+    core_idx, held_idx2, cal_idx = fashion_mnist_calibration_split()
+    np.testing.assert_array_equal(held_idx2, held_idx)
+    np.testing.assert_array_equal(cal.labels, labels[cal_idx])
+    np.testing.assert_array_equal(np.asarray(core.images[3]), images[core_idx[3]])
 
 
 # ---------------------------------------------------------------------------------------------
