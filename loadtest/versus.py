@@ -1,4 +1,4 @@
-"""This tree against an older commit: the same server settings, the same client, side by side.
+"""This tree against an older commit (or against other settings): the same client, side by side.
 
 Absolute numbers move by 2x between machines and by more on a shared one, so "the hot path got
 cheaper" is a ratio measured in one run: the older commit is checked out into a temporary
@@ -9,6 +9,10 @@ every other round)::
 
     python loadtest/versus.py --against b070289 --out versus-out
     python loadtest/versus.py --against HEAD~5 --set max_batch_size=1 --rounds 6
+    python loadtest/versus.py --older-set gil_switch_interval_ms=5 --set gil_switch_interval_ms=1
+
+Without ``--against`` both servers run this tree, and ``--older-set`` gives the second one
+its own settings (on top of ``--set``): a side-by-side run of one setting.
 
 Reported per tree: images/s, p50/p99 and server CPU milliseconds per request (the server's
 whole process tree), and the ratios this / older. Settings: the benchmark defaults
@@ -71,9 +75,10 @@ def _commit(tree: Path) -> str:
 
 
 def run_versus(
-    against: str,
+    against: str | None,
     *,
     overrides: Mapping[str, object],
+    older_overrides: Mapping[str, object],
     rounds: int,
     duration_s: float,
     concurrency: int,
@@ -82,14 +87,16 @@ def run_versus(
     """Run both servers in interleaved rounds; the report (JSON-able)."""
     settings = dict(BENCH_DEFAULTS)  # older commits without `workers` ignore it (one process)
     settings.update({k: str(v) for k, v in overrides.items()})
+    older_settings = {**settings, **{k: str(v) for k, v in older_overrides.items()}}
     payloads = build_payloads(1024, seed=0)
     runs: dict[str, list[RunResult]] = {"this": [], "older": []}
-    with _checkout(against) as older:
+    checkout = _checkout(against) if against else contextlib.nullcontext(ROOT)
+    with checkout as older:
         servers: dict[str, RunningServer] = {}
         try:
             for name, source in (("this", ROOT), ("older", older)):
                 servers[name] = start_server(
-                    overrides=settings,
+                    overrides=settings if name == "this" else older_settings,
                     log_path=log_dir / f"versus-{name}.log",
                     own_session=True,
                     source=source,
@@ -127,6 +134,7 @@ def run_versus(
     return {
         "commits": commits,
         "settings": settings,
+        "older_settings": older_settings,
         "plan": {"rounds": rounds, "duration_s": duration_s, "concurrency": concurrency},
         "load_average_at_end": list(os.getloadavg()),
         "results": {name: r.to_dict() for name, r in merged.items()},
@@ -141,11 +149,12 @@ def run_versus(
 
 def render(report: Mapping[str, Any]) -> str:
     """The markdown table of a report."""
-    c, s = report["commits"], report["settings"]
+    c, s, o = report["commits"], report["settings"], report["older_settings"]
+    others = "" if o == s else f"; the older one with {o}"
     lines = [
         f"This tree ({c['this']}) against {c['older']}: closed loop, "
         f"{report['plan']['concurrency']} clients, {report['plan']['rounds']} interleaved rounds "
-        f"of {report['plan']['duration_s']:g} s; settings {s}.",
+        f"of {report['plan']['duration_s']:g} s; settings {s}{others}.",
         "",
         "| tree | commit | images/s | p50 ms | p99 ms | server CPU ms/req | errors |",
         "|---|---|---|---|---|---|---|",
@@ -168,7 +177,7 @@ def render(report: Mapping[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--against", required=True, help="the older commit (any git revision)")
+    p.add_argument("--against", help="the older commit (any git revision; default: this tree)")
     p.add_argument("--out", type=Path, default=Path("versus-out"), help="output folder")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per run (4)")
@@ -176,18 +185,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting"
     )
+    p.add_argument(
+        "--older-set", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting of the older (second) server only",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            p.error(f"--set {item!r}: expected NAME=VALUE")
-        overrides[name] = value
+    overrides: dict[str, str] = {}
+    older_overrides: dict[str, str] = {}
+    for flag, items, into in (("--set", args.set, overrides),
+                              ("--older-set", args.older_set, older_overrides)):  # fmt: skip
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                p.error(f"{flag} {item!r}: expected NAME=VALUE")
+            into[name] = value
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     report = run_versus(
         args.against,
         overrides=overrides,
+        older_overrides=older_overrides,
         rounds=args.rounds,
         duration_s=args.duration,
         concurrency=args.concurrency,
