@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.middleware.cors import CORSMiddleware
 
 import nacguard
@@ -18,6 +19,7 @@ from nacguard.settings import Settings
 from .admin import ADMIN_PREFIX, make_admin_router
 from .auth import ApiKeyMiddleware, ApiKeys, document_api_keys, load_api_keys
 from .errors import install_error_handler
+from .fastpath import PREDICT_PATH, PredictFastPath
 from .middleware import REQUEST_ID_HEADER, RequestContextMiddleware
 from .routes import router
 from .ui import PUBLIC_PATHS, make_ui_router
@@ -63,7 +65,7 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
     Middleware, outermost first: request context (id, access log, metrics, last-resort 500),
     CORS (only with ``cors_origins``; outside authentication, so preflights need no key and a
     401 still carries the CORS headers a browser needs to read it), API keys (only with keys
-    configured).
+    configured), the lean ``POST /predict`` path (:mod:`~nacguard.api.fastpath`).
 
     Args:
         settings: the validated settings; ``Settings()`` (environment) when omitted.
@@ -117,6 +119,10 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
         app.include_router(make_ui_router(settings.max_image_pixels, auth_required=bool(keys)))
         exempt.extend(PUBLIC_PATHS)
     # add_middleware puts each new one outside the previous ones.
+    predict_route = next(
+        r for r in router.routes if isinstance(r, APIRoute) and r.path == PREDICT_PATH
+    )
+    app.add_middleware(PredictFastPath, route=predict_route)
     if keys:
         app.add_middleware(
             ApiKeyMiddleware, keys=ApiKeys(keys), exempt_paths=exempt, exempt_prefix=ADMIN_PREFIX

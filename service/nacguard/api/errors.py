@@ -29,6 +29,7 @@ from .schemas import ErrorResponse
 
 __all__ = [
     "ERROR_RESPONSES",
+    "HANDLED_ERRORS",
     "WWW_AUTHENTICATE",
     "error_response",
     "install_error_handler",
@@ -154,11 +155,20 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+#: The exception types :func:`error_response` is registered for (in the app, and in the lean
+#: ``/predict`` path, which stands where the router's handling would).
+HANDLED_ERRORS: tuple[type[Exception], ...] = (
+    errors.NacguardError,
+    RequestValidationError,
+    StarletteHTTPException,
+)
+
+
 def install_error_handler(app: FastAPI) -> None:
     """Register :func:`error_response` for domain, validation and HTTP exceptions.
 
     Exceptions of any other type are turned into responses by the request middleware, which
     calls the same function.
     """
-    for exc_type in (errors.NacguardError, RequestValidationError, StarletteHTTPException):
+    for exc_type in HANDLED_ERRORS:
         app.add_exception_handler(exc_type, error_response)
