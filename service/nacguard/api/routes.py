@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import time
@@ -75,21 +74,35 @@ async def _disconnected(receive: Receive) -> None:
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client disconnects first, so a request nobody waits
-    for leaves the queue before it costs compute."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.create_task(_disconnected(request.receive))
+    for leaves the queue before it costs compute.
+
+    ``work`` runs in the request's own task, which a watcher task cancels on a disconnect: one
+    task per request, not two (and no ``asyncio.wait``). The cancellation lands inside
+    ``work`` before this returns (the batcher removes the queued images then).
+    """
+    owner = asyncio.current_task()
+    assert owner is not None, "called outside a task"
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request.receive)
+        gone = True
+        owner.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        result = await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # cancelled from outside (shutdown): not ours to answer
+        owner.uncancel()
+        raise ClientDisconnect() from None
     finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            # Wait for the cancellation to land: the batcher removes the queued images then.
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise ClientDisconnect()
-    return task.result()
+        watcher.cancel()
+    if gone:  # the work finished anyway, swallowing the cancellation: its answer stands
+        owner.uncancel()
+    return result
 
 
 def _prediction_json(
