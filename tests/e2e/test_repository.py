@@ -305,7 +305,7 @@ def test_admin_api_load_promote_rollback_under_load(
         == 401
     )
     assert httpx.get(f"{server.url}/v1/admin/models", headers=admin).json()["models"] == [
-        {"name": MODEL, "versions": [1], "served": 1, "promoted": None}
+        {"name": MODEL, "versions": [1], "served": 1, "promoted": None, "shadow": None}
     ]
 
     async def load_v2() -> None:

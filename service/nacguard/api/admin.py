@@ -5,8 +5,9 @@ Off unless ``admin_keys`` (or ``admin_keys_file``) is set and ``repository_mode`
 client-key middleware leaves these paths to it. A missing or wrong key is a 401.
 
 ``GET /v1/admin/models``; ``POST /v1/admin/models/{model}/versions/{version}/load``,
-``.../unload``, ``.../promote``; ``POST /v1/admin/models/{model}/rollback``. Each answers the
-table after the change (models, loaded versions, served and promoted version).
+``.../unload``, ``.../promote``, ``.../shadow``; ``POST /v1/admin/models/{model}/rollback``,
+``.../shadow/promote``, ``.../shadow/unload``. Each answers the table after the change (models,
+loaded versions, served, promoted and shadow version).
 """
 
 from __future__ import annotations
@@ -84,5 +85,21 @@ def make_admin_router() -> APIRouter:
     async def rollback(service: AdminDep, model: ModelName) -> dict[str, Any]:
         """Serve the highest loaded version below the served one."""
         return service.admin.rollback(model)
+
+    @router.post("/models/{model}/versions/{version}/shadow", summary="Shadow a version")
+    async def shadow(service: AdminDep, model: ModelName, version: Version) -> dict[str, Any]:
+        """Load ``DIR/model/version`` as the model's shadow profile: it scores every image the
+        model computes (metrics with ``role="shadow"``); the answers stay the primary's."""
+        return await service.admin.shadow(model, version)
+
+    @router.post("/models/{model}/shadow/promote", summary="Serve the shadow")
+    async def promote_shadow(service: AdminDep, model: ModelName) -> dict[str, Any]:
+        """Serve the shadow's version (its weights shared when they are equal), no shadow."""
+        return await service.admin.promote_shadow(model)
+
+    @router.post("/models/{model}/shadow/unload", summary="Unload the shadow")
+    async def unload_shadow(service: AdminDep, model: ModelName) -> dict[str, Any]:
+        """Stop shadowing the model and unload its shadow profile."""
+        return service.admin.unload_shadow(model)
 
     return router

@@ -200,7 +200,10 @@ class Bundle:
                 probs = torch.softmax(logits.float(), dim=1)
                 nan = probs.new_full((probs.shape[0], extra_columns), math.nan)
                 return torch.cat([probs, nan], dim=1)
-        result = self.scorer(x)
+        return self.result_table(self.scorer(x), per_layer)
+
+    def result_table(self, result: ScoreBatch, per_layer: bool = True) -> torch.Tensor:
+        """One scored batch as the [B, C + 3 (+ L)] table :meth:`predictions` reads."""
         with torch.inference_mode():
             parts = [result.nac[:, None], result.msp[:, None], result.energy[:, None]]
             if per_layer:
@@ -270,7 +273,10 @@ class Bundle:
         table = (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()
         # One tolist() for the whole table: indexing a tensor per image and field (float(t[i]))
         # costs microseconds each, a visible share of a small model's per-image time.
-        rows = table.tolist()
+        return self.predictions(table.tolist())
+
+    def predictions(self, rows: list[list[float]]) -> list[Prediction]:
+        """Predictions from the rows of :meth:`result_table` (moved to the host as lists)."""
         make = self.prediction
         c = len(self.classes)
         return [make(row[:c], row[c], row[c + 1], row[c + 2], row[c + 3 :]) for row in rows]

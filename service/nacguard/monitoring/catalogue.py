@@ -104,6 +104,8 @@ HELP: dict[str, str] = {
     "with the same weights sha256 does not read them).",
     "model_swaps": "Times a model's served version changed.",
     "model_versions_loaded": "1 for each loaded model version, by role.",
+    "shadow_batches": "Batches a shadow profile scored, by forward: shared (the primary's "
+    "layer states, no forward of its own) or separate (a forward on the shadow's weights).",
     # drift, labelled by scope (fleet or local)
     "drift_ood_rate": "Share of the drift window flagged OOD (NaN below min samples).",
     "drift_psi": "Population stability index of the drift window vs the reference.",

@@ -63,6 +63,12 @@ class RepositoryMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._shadow_batches = Counter(
+            "nacguard_shadow_batches",
+            HELP["shadow_batches"],
+            ["model", "version", "forward"],
+            registry=self.registry,
+        )
         self._failures = Counter(
             "nacguard_model_load_failures",
             HELP["model_load_failures"],
@@ -84,6 +90,10 @@ class RepositoryMetrics:
             ["model", "version", "role"],
             registry=self.registry,
         )
+
+    def shadow_batch(self, model: str, version: int, forward: str) -> None:
+        """Count one batch a shadow scored; ``forward`` is ``shared`` or ``separate``."""
+        self._shadow_batches.labels(model, str(version), forward).inc()
 
     def load_failed(self, model: str, version: int, reason: str) -> None:
         """Count one refused version; ``reason`` is a fixed word (``invalid``, ``load``,

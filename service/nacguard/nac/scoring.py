@@ -97,7 +97,15 @@ class NacScorer:
 
     def __call__(self, x: torch.Tensor) -> ScoreBatch:
         """Score a preprocessed batch ``x`` already on the device."""
-        result = self._states(x)
+        return self.score_states(self.states(x))
+
+    def states(self, x: torch.Tensor) -> ForwardStates:
+        """One forward of ``x`` (on the device): logits and the monitored layers' states."""
+        return self._states(x)
+
+    def score_states(self, result: ForwardStates) -> ScoreBatch:
+        """Score states computed by a forward (this scorer's, or another scorer's on the same
+        model with the same monitored layers and betas): the coverage-table lookups only."""
         with torch.inference_mode():
             per_layer = torch.stack(
                 [

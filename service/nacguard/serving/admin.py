@@ -1,4 +1,5 @@
-"""The model repository's admin operations (explicit mode): load, unload, promote, roll back.
+"""The model repository's admin operations (explicit mode): load, unload, promote, roll back,
+and shadow profiles (load a version as the shadow, promote the shadow, unload it).
 
 Adapters expose them (``api/admin.py``, behind admin keys); each is one call on the event loop
 and leaves the served-model table consistent whatever happens: a version that fails to load is
@@ -13,7 +14,7 @@ from typing import Any
 
 from nacguard.errors import BundleError, ModelNotFound, RepositoryConflict
 from nacguard.serving.models import ModelTable, Reconciler
-from nacguard.serving.repository import read_entry
+from nacguard.serving.repository import VersionEntry, read_entry
 
 __all__ = ["RepositoryAdmin"]
 
@@ -42,20 +43,15 @@ class RepositoryAdmin:
                     "versions": versions,
                     "served": self.table.served_version(model),
                     "promoted": self.table.promoted(model),
+                    "shadow": shadow.entry.version
+                    if (shadow := self.table.shadow(model)) is not None
+                    else None,
                 }
                 for model, versions in self.table.models().items()
             ],
         }
 
-    async def load(self, model: str, version: int) -> dict[str, Any]:
-        """Load ``DIR/model/version`` (it serves at once if it is the model's highest).
-
-        Raises:
-            ModelNotFound: no such folder in the repository.
-            RepositoryConflict: already loaded, or refused (invalid, failed to load or warm up).
-        """
-        if version in self.table.versions(model):
-            raise RepositoryConflict(f"{model} version {version} is already loaded")
+    async def _entry(self, model: str, version: int) -> VersionEntry:
         if self.root is None:
             raise ModelNotFound("no repository: serving a single profile")
         path = self.root / model / str(version)
@@ -66,6 +62,18 @@ class RepositoryAdmin:
         except BundleError as exc:
             self.reconciler.refused(model, version, str(exc))
             raise RepositoryConflict(f"refused: {exc.message}") from None
+        return entry
+
+    async def load(self, model: str, version: int) -> dict[str, Any]:
+        """Load ``DIR/model/version`` (it serves at once if it is the model's highest).
+
+        Raises:
+            ModelNotFound: no such folder in the repository.
+            RepositoryConflict: already loaded, or refused (invalid, failed to load or warm up).
+        """
+        if version in self.table.versions(model):
+            raise RepositoryConflict(f"{model} version {version} is already loaded")
+        entry = await self._entry(model, version)
         if not await self.reconciler.load(entry):
             raise RepositoryConflict(
                 f"{model} version {version} refused: {self.reconciler.last_error}"
@@ -109,3 +117,51 @@ class RepositoryAdmin:
         if not lower:
             raise RepositoryConflict(f"{model}: no version below {served} is loaded")
         return self.promote(model, max(lower))
+
+    async def shadow(self, model: str, version: int) -> dict[str, Any]:
+        """Load ``DIR/model/version`` as ``model``'s shadow profile (replacing its shadow):
+        it scores every image the model computes; the answers stay the primary's.
+
+        Raises:
+            ModelNotFound: the model is not served, or no such folder.
+            RepositoryConflict: loaded as a primary, or refused.
+        """
+        self.table.get(model)
+        if version in self.table.versions(model):
+            raise RepositoryConflict(f"{model} version {version} is served as a primary")
+        entry = await self._entry(model, version)
+        if not await self.reconciler.load_shadow(entry):
+            raise RepositoryConflict(
+                f"{model} version {version} refused as a shadow: {self.reconciler.last_error}"
+            )
+        return self.describe()
+
+    async def promote_shadow(self, model: str) -> dict[str, Any]:
+        """Serve the shadow's version (loaded as a primary, sharing the shadow's weights when
+        it is a profile-only change) and stop shadowing.
+
+        Raises:
+            ModelNotFound: the model has no shadow.
+            RepositoryConflict: the version failed to load as a primary.
+        """
+        shadow = self.table.shadow(model)
+        if shadow is None:
+            raise ModelNotFound(f"model {model!r} has no shadow profile")
+        version = shadow.entry.version
+        if version not in self.table.versions(model) and not await self.reconciler.load(
+            shadow.entry
+        ):
+            raise RepositoryConflict(f"{model} version {version}: {self.reconciler.last_error}")
+        self.promote(model, version)
+        self.reconciler.drop_shadow(model)
+        return self.describe()
+
+    def unload_shadow(self, model: str) -> dict[str, Any]:
+        """Stop shadowing ``model`` and unload the shadow.
+
+        Raises:
+            ModelNotFound: the model has no shadow.
+        """
+        if not self.reconciler.drop_shadow(model):
+            raise ModelNotFound(f"model {model!r} has no shadow profile")
+        return self.describe()

@@ -11,14 +11,17 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from nacguard.bundle import Bundle, Prediction
+from nacguard.bundle.shadow import predict_pair
 from nacguard.settings import Settings
 
-__all__ = ["BatchInfo", "DeviceCompute", "ImageResult"]
+__all__ = ["BatchInfo", "DeviceCompute", "ImageResult", "ShadowPlan", "ShadowSink"]
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +45,41 @@ class BatchInfo:
     compute_s: float
 
 
+class ShadowSink(Protocol):
+    """Who records a shadow profile's predictions (:class:`nacguard.serving.shadow.Shadow`)."""
+
+    def counted(self, forward: str) -> None:
+        """One batch scored, ``forward`` = ``shared`` (the primary's states) or ``separate``
+        (a forward of its own); called on the runner thread."""
+
+    def observe(self, predictions: Sequence[Prediction]) -> None:
+        """Record the shadow's predictions (on the event loop)."""
+
+
+@dataclass(frozen=True)
+class ShadowPlan:
+    """How a device runner also scores its batches against a shadow profile.
+
+    Attributes:
+        bundle: the shadow's bundle on the runner's device.
+        lock: the lock of the shadow's model (for a forward of its own).
+        shared: score the primary's layer states (equal weights, same layers): no forward.
+        sink: where the shadow's predictions go.
+    """
+
+    bundle: Bundle
+    lock: threading.Lock
+    shared: bool
+    sink: ShadowSink
+
+
 @dataclass(frozen=True)
 class ImageResult:
-    """One image's prediction and the batch it ran in."""
+    """One image's prediction and the batch it ran in (and the shadow's, when one scores)."""
 
     prediction: Prediction
     batch: BatchInfo
+    shadow: tuple[ShadowSink, Prediction] | None = None
 
 
 class DeviceCompute:
@@ -77,6 +109,9 @@ class DeviceCompute:
         self._max_batch_size = settings.max_batch_size
         self._seq = itertools.count()
         self._thread_ready = False
+        #: The shadow profile scoring this runner's batches too (set on the event loop, read
+        #: once per batch); None keeps the plain path.
+        self.shadow: ShadowPlan | None = None
 
     def _prepare_thread(self) -> None:
         # Intra-op thread counts, the current CUDA device and CUDA graphs are per-thread: they
@@ -91,11 +126,16 @@ class DeviceCompute:
 
     def __call__(self, items: list[torch.Tensor]) -> list[ImageResult]:
         """Compute one batch; results in item order."""
+        shadow = self.shadow if self._scoring else None
+        shadowed: list[Prediction] = []
         with self._lock:
             if not self._thread_ready:
                 self._prepare_thread()
             started = time.monotonic()
-            predictions = self.bundle.predict_batch(torch.stack(items), scoring=self._scoring)
+            if shadow is None:
+                predictions = self.bundle.predict_batch(torch.stack(items), scoring=self._scoring)
+            else:
+                predictions, shadowed = self._with_shadow(torch.stack(items), shadow)
         info = BatchInfo(
             device=self.device,
             seq=next(self._seq),
@@ -103,4 +143,28 @@ class DeviceCompute:
             started=started,
             compute_s=time.monotonic() - started,
         )
-        return [ImageResult(prediction=p, batch=info) for p in predictions]
+        if shadow is None:
+            return [ImageResult(prediction=p, batch=info) for p in predictions]
+        sink = shadow.sink
+        return [
+            ImageResult(prediction=p, batch=info, shadow=(sink, q))
+            for p, q in zip(predictions, shadowed, strict=True)
+        ]
+
+    def _with_shadow(
+        self, x: torch.Tensor, shadow: ShadowPlan
+    ) -> tuple[list[Prediction], list[Prediction]]:
+        """The batch's predictions and the shadow's: one forward when it shares the states,
+        else a second forward on the shadow's model (its lock, unless it is this one's)."""
+        if shadow.shared:
+            pair = predict_pair(self.bundle, shadow.bundle, x)
+            shadow.sink.counted("shared")
+            return pair
+        predictions = self.bundle.predict_batch(x)
+        if shadow.lock is self._lock:
+            shadowed = shadow.bundle.predict_batch(x)
+        else:
+            with shadow.lock:
+                shadowed = shadow.bundle.predict_batch(x)
+        shadow.sink.counted("separate")
+        return predictions, shadowed

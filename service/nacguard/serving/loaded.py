@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,7 +38,10 @@ from nacguard.serving.repository import VersionEntry
 from nacguard.settings import Settings
 from nacguard.store import Store, make_store
 
-__all__ = ["LoadedVersion", "WeightsPool", "load_version"]
+if TYPE_CHECKING:
+    from nacguard.serving.shadow import Shadow
+
+__all__ = ["LoadedVersion", "WeightsPool", "load_bundles", "load_version"]
 
 log = logging.getLogger("nacguard.service")
 
@@ -100,6 +104,7 @@ class LoadedVersion:
     pipeline: Pipeline
     profile_id: str
     weights_reused: bool
+    computes: list[DeviceCompute] = field(default_factory=list)
     leases: int = 0
     retiring: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -125,6 +130,11 @@ class LoadedVersion:
         self.leases -= 1
         if self.leases <= 0:
             self._idle.set()
+
+    def set_shadow(self, shadow: Shadow | None) -> None:
+        """Score every batch against ``shadow`` too from now on (None: no longer)."""
+        for compute in self.computes:
+            compute.shadow = shadow.plan_for(compute.bundle) if shadow is not None else None
 
     async def refresh_gauges(self) -> None:
         """Bring the scrape-time gauges (queue, in flight, drift) up to date."""
@@ -180,9 +190,12 @@ class LoadedVersion:
         log.info("unloaded %s", self.name)
 
 
-def _load_bundles(
+def load_bundles(
     entry: VersionEntry, settings: Settings, pool: WeightsPool
 ) -> tuple[list[Bundle], list[threading.Lock], bool]:
+    """Load ``entry`` on every device, sharing loaded weights of the same sha256 (a pool user
+    each). Returns the bundles, their models' locks, and whether every device's weights were
+    shared. Raises BundleError (also for a profile without calibration); nothing stays taken."""
     s = settings
     bundles: list[Bundle] = []
     locks: list[threading.Lock] = []
@@ -248,7 +261,7 @@ async def load_version(
         Exception: whatever loading or warming up raised; nothing is left loaded.
     """
     s = settings
-    bundles, locks, reused = await asyncio.to_thread(_load_bundles, entry, s, pool)
+    bundles, locks, reused = await asyncio.to_thread(load_bundles, entry, s, pool)
     if not reused:
         repo_metrics.weights_loaded(entry.model)
     bundle = bundles[0]
@@ -278,10 +291,8 @@ async def load_version(
             "architecture": bundle.model_name,
         },
     )
-    runners = [
-        Runner(DeviceCompute(b, s, lock), name=str(b.device))
-        for b, lock in zip(bundles, locks, strict=True)
-    ]
+    computes = [DeviceCompute(b, s, lock) for b, lock in zip(bundles, locks, strict=True)]
+    runners = [Runner(c, name=c.device) for c in computes]
     store: Store | None = None
     try:
         store = make_store(s, profile_id, metrics, drift_bins=drift.reference.n_bins)
@@ -325,4 +336,5 @@ async def load_version(
         pipeline=pipeline,
         profile_id=profile_id,
         weights_reused=reused,
+        computes=computes,
     )

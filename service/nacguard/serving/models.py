@@ -10,7 +10,8 @@ by the new. The old version is retired only after its leases end.
 load and warm up what is missing (a version that fails is refused with one log line and
 ``nacguard_model_load_failures_total``, and not tried again until its files change), swap it in,
 retire what the policy no longer wants. A model never loses its last working version to a
-broken new one.
+broken new one. A model's ``shadow`` file names a version loaded as its shadow profile
+(:mod:`nacguard.serving.shadow`) instead of served.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nacguard.errors import BundleError, ModelNotFound
 from nacguard.monitoring.exposition import RepositoryMetrics
 from nacguard.serving.loaded import LoadedVersion, WeightsPool
 from nacguard.serving.repository import Scan, VersionEntry, VersionPolicy
+from nacguard.serving.shadow import Shadow
 from nacguard.settings import Settings
 
 __all__ = ["ModelTable", "Reconciler"]
@@ -41,6 +43,7 @@ class ModelTable:
     def __init__(self, default: str | None = None) -> None:
         self._models: dict[str, dict[int, LoadedVersion]] = {}
         self._promoted: dict[str, int] = {}
+        self._shadows: dict[str, Shadow] = {}
         self.requested_default = default
 
     @property
@@ -111,12 +114,15 @@ class ModelTable:
     def add(self, loaded: LoadedVersion) -> None:
         """Make ``loaded`` addressable (served at once when it is the highest version)."""
         model, version = loaded.entry.key
+        loaded.set_shadow(self._shadows.get(model))
         self._models.setdefault(model, {})[version] = loaded
 
     def remove(self, model: str, version: int) -> LoadedVersion | None:
         """Stop addressing a version; the caller retires it."""
         versions = self._models.get(model, {})
         loaded = versions.pop(version, None)
+        if loaded is not None:
+            loaded.set_shadow(None)
         if not versions:
             self._models.pop(model, None)
         if self._promoted.get(model) == version:
@@ -136,8 +142,27 @@ class ModelTable:
         """The promoted version of ``model``, if any."""
         return self._promoted.get(model)
 
+    def shadow(self, model: str) -> Shadow | None:
+        """The shadow profile of ``model``, if any."""
+        return self._shadows.get(model)
+
+    def shadows(self) -> list[Shadow]:
+        """Every loaded shadow profile."""
+        return [self._shadows[m] for m in sorted(self._shadows)]
+
+    def set_shadow(self, model: str, shadow: Shadow | None) -> Shadow | None:
+        """Make ``shadow`` score every batch of ``model``'s loaded versions (None: stop);
+        returns the shadow it replaces, for the caller to retire."""
+        old = self._shadows.pop(model, None)
+        if shadow is not None:
+            self._shadows[model] = shadow
+        for loaded in self._models.get(model, {}).values():
+            loaded.set_shadow(shadow)
+        return old
+
 
 Loader = Callable[[VersionEntry], Awaitable[LoadedVersion]]
+ShadowLoader = Callable[[VersionEntry], Awaitable[Shadow]]
 
 
 class Reconciler:
@@ -150,6 +175,7 @@ class Reconciler:
         pool: the weights pool the retired versions give their weights back to.
         metrics: load failures, weight loads, swaps.
         retire_timeout_s: how long a retired version's requests may take before it unloads.
+        load_shadow: loads one version as a shadow profile (None: shadows are not loaded).
     """
 
     def __init__(
@@ -160,8 +186,10 @@ class Reconciler:
         pool: WeightsPool,
         metrics: RepositoryMetrics,
         retire_timeout_s: float,
+        load_shadow: ShadowLoader | None = None,
     ) -> None:
         self.table = table
+        self._load_shadow = load_shadow
         self.policy = policy
         self._load = load
         self._pool = pool
@@ -196,11 +224,8 @@ class Reconciler:
             where = s.repository if s.repository is not None else s.profile
             raise BundleError(f"{where}: no valid model to serve (each problem is logged above)")
         if s.default_model is not None and s.default_model not in self.table.models():
-            log.error(
-                "default_model %r is not served; requests naming no model go to %r",
-                s.default_model,
-                self.table.default,
-            )
+            log.error("default_model %r is not served; requests naming no model go to %r",
+                      s.default_model, self.table.default)  # fmt: skip
 
     def refused(self, model: str, version: int, line: str) -> None:
         """Log and count a version refused before loading (an admin load of a bad bundle)."""
@@ -220,11 +245,15 @@ class Reconciler:
             for key, line in scan.refused.items():
                 self._report(line, key)
             for model, entries in scan.models.items():
-                await self._apply_model(model, entries, unload_missing=unload_missing)
+                shadow = scan.shadows.get(model)
+                primary = [e for e in entries if e.version != shadow]
+                await self._apply_model(model, primary, unload_missing=unload_missing)
+                await self._apply_shadow(model, entries, shadow, unload_missing=unload_missing)
             if unload_missing:
                 for model in set(self.table.models()) - set(scan.models):
                     if not any(k[0] == model for k in scan.refused):
                         log.warning("model %s is gone from the repository: unloading", model)
+                        self.drop_shadow(model)
                         for version in list(self.table.versions(model)):
                             self.retire(model, version)
 
@@ -247,6 +276,61 @@ class Reconciler:
             if version not in wanted and (unload_missing or version in by_version):
                 self.retire(model, version)
 
+    async def _apply_shadow(
+        self, model: str, entries: list[VersionEntry], wanted: int | None, *, unload_missing: bool
+    ) -> None:
+        current = self.table.shadow(model)
+        if wanted is None:
+            if current is not None and unload_missing:
+                self.drop_shadow(model)
+            return
+        if current is not None and current.entry.version == wanted:
+            return
+        entry = next((e for e in entries if e.version == wanted), None)
+        if entry is None or wanted in self.table.versions(model):
+            why = "not a valid version" if entry is None else "served as a primary"
+            self._report(f"{model}: the shadow file names version {wanted}, {why}; no shadow")
+        elif self._failed.get(entry.key) != entry.signature:
+            await self.load_shadow(entry)
+
+    async def load_shadow(self, entry: VersionEntry) -> bool:
+        """Load ``entry`` as its model's shadow profile (replacing the current one); False
+        (logged, counted) when it fails or shadows are off."""
+        if self._load_shadow is None:
+            return False
+        try:
+            shadow = await self._load_shadow(entry)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.last_error = exc
+            self._failed[entry.key] = entry.signature
+            log.error("shadow %s/%d refused: %s", entry.model, entry.version, exc,
+                      exc_info=not isinstance(exc, BundleError))  # fmt: skip
+            self._metrics.load_failed(entry.model, entry.version, "load")
+            return False
+        self._failed.pop(entry.key, None)
+        if (old := self.table.set_shadow(entry.model, shadow)) is not None:
+            self._retire_shadow(old)
+        self._metrics.set_loaded(entry.model, entry.version, "shadow", True)
+        log.info("shadow %s loaded: scoring every computed image of %s", shadow.name, entry.model)
+        return True
+
+    def drop_shadow(self, model: str) -> bool:
+        """Stop shadowing ``model`` and unload its shadow; False when it has none."""
+        if (old := self.table.set_shadow(model, None)) is not None:
+            self._retire_shadow(old)
+        return old is not None
+
+    def _retire_shadow(self, shadow: Shadow) -> None:
+        model, version = shadow.entry.key
+        current = self.table.shadow(model)
+        if current is None or current.entry.version != version:
+            self._metrics.set_loaded(model, version, "shadow", False)
+        task = asyncio.create_task(shadow.retire(self._pool), name="nacguard-retire-shadow")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def load(self, entry: VersionEntry) -> bool:
         """Load ``entry`` and add it to the table; False (logged, counted) when it fails."""
         before = self.table.served_version(entry.model)
@@ -263,7 +347,7 @@ class Reconciler:
                 entry.version,
                 f"still serving version {before}" if before is not None else "not served",
                 exc,
-                exc_info=not _expected(exc),
+                exc_info=not isinstance(exc, BundleError),
             )
             self._metrics.load_failed(entry.model, entry.version, "load")
             return False
@@ -310,7 +394,3 @@ class Reconciler:
         """Wait for the versions being retired."""
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
-
-
-def _expected(exc: Exception) -> bool:
-    return isinstance(exc, BundleError)

@@ -32,7 +32,7 @@ from nacguard.imaging.gpu_decode import GpuJpegDecoder
 from nacguard.monitoring import Metrics
 from nacguard.monitoring.tracing import Tracing
 from nacguard.serving.admission import Admission
-from nacguard.serving.compute import BatchInfo, ImageResult
+from nacguard.serving.compute import BatchInfo, ImageResult, ShadowSink
 from nacguard.serving.drift import DriftRecorder
 from nacguard.store import ReviewRecord, Store
 from nacguard.store.codec import decode_prediction, encode_prediction
@@ -161,6 +161,8 @@ class Pipeline:
         )
         if results:
             self.drift.add([r.prediction.nac_score for r in results])
+            if any(r.shadow is not None for r in results):
+                _observe_shadow(results)
             # Only what a side effect will use: every result when caching, flagged images when
             # they are recorded for review. Nothing to do (cache off, nothing flagged or no
             # review sink) means no background task at all.
@@ -215,3 +217,13 @@ class Pipeline:
                 )
                 calls.append(store.review.append(record))
         await asyncio.gather(*calls)
+
+
+def _observe_shadow(results: Sequence[ImageResult]) -> None:
+    """Hand the shadow profiles' predictions of computed images to their sinks."""
+    by_sink: dict[ShadowSink, list[Prediction]] = {}
+    for r in results:
+        if r.shadow is not None:
+            by_sink.setdefault(r.shadow[0], []).append(r.shadow[1])
+    for sink, predictions in by_sink.items():
+        sink.observe(predictions)

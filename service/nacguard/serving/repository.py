@@ -25,6 +25,7 @@ from nacguard.errors import BundleError
 from nacguard.settings import Settings
 
 __all__ = [
+    "SHADOW_FILE",
     "Scan",
     "VersionEntry",
     "VersionPolicy",
@@ -36,6 +37,9 @@ __all__ = [
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _VERSION = re.compile(r"^[0-9]{1,9}$")
+
+#: ``DIR/<model>/shadow``: a text file holding the version to load as the model's shadow.
+SHADOW_FILE = "shadow"
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,14 @@ class Scan:
         problems: one line per junk entry or unservable model.
         refused: one line per version that failed validation, by ``(model, version)`` (these
             count as load failures).
+        shadows: the version each model's ``shadow`` file names (its shadow profile; that
+            version is not served).
     """
 
     models: dict[str, list[VersionEntry]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     refused: dict[tuple[str, int], str] = field(default_factory=dict)
+    shadows: dict[str, int] = field(default_factory=dict)
 
 
 def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
@@ -174,6 +181,9 @@ def _scan_model(folder: Path, result: Scan) -> list[VersionEntry]:
     for child in children:
         if child.name.startswith("."):
             continue
+        if child.name == SHADOW_FILE and child.is_file():
+            _read_shadow(child, folder.name, result)
+            continue
         if not child.is_dir() or not _VERSION.match(child.name) or int(child.name) < 1:
             problems.append(f"{child}: not a version folder (a positive integer), ignored")
             continue
@@ -188,6 +198,19 @@ def _scan_model(folder: Path, result: Scan) -> list[VersionEntry]:
         except (BundleError, OSError) as exc:
             result.refused[(folder.name, number)] = f"{folder.name} version {number} refused: {exc}"
     return [found[v] for v in sorted(found)]
+
+
+def _read_shadow(file: Path, model: str, result: Scan) -> None:
+    """``DIR/<model>/shadow`` names the version to load as the model's shadow profile."""
+    try:
+        text = file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        result.problems.append(f"{file}: unreadable ({exc}), no shadow")
+        return
+    if not _VERSION.match(text) or int(text) < 1:
+        result.problems.append(f"{file}: not a version number ({text[:20]!r}), no shadow")
+        return
+    result.shadows[model] = int(text)
 
 
 def single_bundle(path: Path) -> Scan:

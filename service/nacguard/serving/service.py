@@ -52,6 +52,7 @@ from nacguard.serving.loaded import LoadedVersion, WeightsPool, load_version
 from nacguard.serving.models import ModelTable, Reconciler
 from nacguard.serving.pipeline import PredictOutcome
 from nacguard.serving.repository import VersionEntry, VersionPolicy, discover
+from nacguard.serving.shadow import Shadow, load_shadow
 from nacguard.settings import Settings
 from nacguard.store import Store
 
@@ -90,6 +91,7 @@ class Service:
             self._pool,
             self.repository_metrics,
             retire_timeout_s=settings.drain_timeout_s,
+            load_shadow=lambda e: load_shadow(e, settings, self._pool, self.repository_metrics),
         )
         self.admin = RepositoryAdmin(self.table, self.reconciler, settings.repository)
         self._ready = asyncio.Event()
@@ -242,12 +244,9 @@ class Service:
         # O(1); close() unfreezes, so a process that outlives the service collects it again.
         gc.freeze()
         self._ready.set()
-        log.info(
-            "ready: %s on %s in %.1fs",
-            ", ".join(f"{m} {v}" for m, v in self.table.models().items()),
-            s.device,
-            time.monotonic() - started,
-        )
+        log.info("ready: %s on %s in %.1fs",
+                 ", ".join(f"{m} {v}" for m, v in self.table.models().items()),
+                 s.device, time.monotonic() - started)  # fmt: skip
         if s.repository is not None and s.repository_mode == "poll":
             self._poll_task = asyncio.create_task(
                 self.reconciler.poll(self.rescan, s.poll_interval_s), name="nacguard-poll"
@@ -306,6 +305,7 @@ class Service:
         await self._stop_polling()
         await self.flush_drift()
         for model, versions in self.table.models().items():
+            self.reconciler.drop_shadow(model)
             for version in versions:
                 self.reconciler.retire(model, version)
         await self.reconciler.close()
@@ -373,8 +373,9 @@ class Service:
     # --- monitoring -----------------------------------------------------------------------------
 
     async def flush_drift(self) -> None:
-        """Wait until every counted score is in the drift windows."""
-        await asyncio.gather(*(lv.drift.flush() for lv in self.table.all()))
+        """Wait until every counted score is in the drift windows (shadows' included)."""
+        parts: list[LoadedVersion | Shadow] = [*self.table.all(), *self.table.shadows()]
+        await asyncio.gather(*(p.drift.flush() for p in parts))
 
     async def drift(self, model: str | None = None, version: int | None = None) -> DriftReport:
         """The drift report of a version's current window (also exported as gauges); raises
@@ -389,11 +390,10 @@ class Service:
         the default version's, summed over the workers' files), gauges brought up to date."""
         if not self._ready.is_set() and not self.table:
             raise self._not_ready()
-        loaded = self.table.all()
-        for lv in loaded:
-            await lv.refresh_gauges()
-        if loaded and loaded[0].metrics.multiprocess:
-            return loaded[0].metrics.render(accept)
-        return render(
-            [*(lv.metrics.registry for lv in loaded), self.repository_metrics.registry], accept
-        )
+        parts: list[LoadedVersion | Shadow] = [*self.table.all(), *self.table.shadows()]
+        for part in parts:
+            await part.refresh_gauges()
+        if parts and parts[0].metrics.multiprocess:
+            return parts[0].metrics.render(accept)
+        return render([*(p.metrics.registry for p in parts), self.repository_metrics.registry],
+                      accept)  # fmt: skip

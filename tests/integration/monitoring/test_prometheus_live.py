@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from nacguard.monitoring import DriftReference, Metrics, drift_report
+from nacguard.monitoring.exposition import render
 from tests.fixtures.promql import PrometheusServer, all_expressions
 
 pytestmark = [
@@ -38,21 +39,31 @@ class Batch:
     policy_wait_s: float = 0.0
 
 
-@pytest.fixture
-def exporter() -> Iterator[tuple[Metrics, str, np.ndarray]]:
-    calibration = np.random.default_rng(0).beta(8.0, 3.0, size=2000)
-    metrics = Metrics(
+def _metrics(calibration: np.ndarray, share: float, **labels: str) -> Metrics:
+    return Metrics(
         model=MODEL,
         profile="p1",
-        drift_reference=DriftReference(calibration, float(np.quantile(calibration, 0.05))),
-        expected_ood_rate=0.05,
+        drift_reference=DriftReference(calibration, float(np.quantile(calibration, share))),
+        expected_ood_rate=share,
         max_queue_images=100,
         layers=["block3", "avgpool"],
+        **labels,
     )
+
+
+@pytest.fixture
+def exporter() -> Iterator[tuple[Metrics, Metrics, str, np.ndarray]]:
+    """The primary's metrics, and a shadow's (version 2, another threshold) beside them, as
+    a server with a shadow profile exports them."""
+    calibration = np.random.default_rng(0).beta(8.0, 3.0, size=2000)
+    metrics = _metrics(calibration, 0.05)
+    shadow = _metrics(calibration, 0.2, version="2", role="shadow")
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body, content_type = metrics.render(self.headers.get("Accept"))
+            body, content_type = render(
+                [metrics.registry, shadow.registry], self.headers.get("Accept")
+            )
             self.send_response(200)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -66,7 +77,7 @@ def exporter() -> Iterator[tuple[Metrics, str, np.ndarray]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield metrics, f"127.0.0.1:{server.server_address[1]}", calibration
+        yield metrics, shadow, f"127.0.0.1:{server.server_address[1]}", calibration
     finally:
         server.shutdown()
         server.server_close()
@@ -94,9 +105,9 @@ def feed(metrics: Metrics, scores: np.ndarray) -> None:
 
 
 def test_prometheus_evaluates_every_expression(
-    exporter: tuple[Metrics, str, np.ndarray], tmp_path: Path
+    exporter: tuple[Metrics, Metrics, str, np.ndarray], tmp_path: Path
 ) -> None:
-    metrics, target, calibration = exporter
+    metrics, shadow, target, calibration = exporter
     ref = metrics.drift_reference
     # Drifted traffic: scores shifted down. Before the first scrape ten times as much as after,
     # so every counter starts far from zero and rate() extrapolates all series alike (the
@@ -109,11 +120,34 @@ def test_prometheus_evaluates_every_expression(
     assert report.drifting
     metrics.set_drift(report)
 
+    shadow_flags = [bool(s < shadow.drift_reference.threshold) for s in later]
+    shadow.observe_predictions(
+        ["bag"] * len(later) * 10, list(np.tile(later, 10)), shadow_flags * 10
+    )
+
     with PrometheusServer(tmp_path, targets=[target]) as prom:
         prom.wait_for("nacguard_images_scored_total")
         feed(metrics, later)
+        shadow.observe_predictions(["bag"] * len(later), list(later), shadow_flags)
         scored = len(later) * 11
-        prom.wait_for(f"nacguard_images_scored_total == {scored}")
+        prom.wait_for(f'nacguard_images_scored_total{{role="primary"}} == {scored}')
+        prom.wait_for(f'nacguard_images_scored_total{{role="shadow"}} == {scored}')
+
+        # The "primary vs shadow flag rate" panel: one series per role, each its own share.
+        panel = next(
+            e.expr
+            for e in all_expressions(model=MODEL, rate_interval="1m", range_="5m")
+            if "Primary vs shadow flag rate" in e.source
+        )
+        expected_shadow = float(np.mean(shadow_flags))
+        assert expected_shadow != pytest.approx(float(np.mean(later < ref.threshold)))
+        rates = {}
+        deadline = time.monotonic() + 20
+        while len(rates) < 2 and time.monotonic() < deadline:
+            rates = {r["metric"]["role"]: float(r["value"][1]) for r in prom.query(panel)}
+            time.sleep(0.2)  # the next scrape is at most a second away
+        assert rates["shadow"] == pytest.approx(expected_shadow, abs=1e-9)
+        assert rates["primary"] == pytest.approx(float(np.mean(later < ref.threshold)), abs=1e-9)
 
         # The score histogram against the reference CDF, computed by Prometheus, equals what
         # the data says: the second round's CDF minus the calibration CDF at each bound.
