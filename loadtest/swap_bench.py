@@ -10,8 +10,10 @@ requests/s, p50/p99, non-200 answers, swaps completed and peak RSS.
 
     python loadtest/swap_bench.py --out swap-out --duration 8 --rounds 2
 
-Settings: the server's defaults except ``poll_interval_s=0.5``, ``cache_enabled=false`` and one
-torch thread; 16 closed-loop clients, single-image requests, 20% OOD.
+Settings: the server's defaults except ``poll_interval_s=0.5``, ``cache_enabled=false``, one
+torch thread and one worker (``--workers``: each worker loads every version, and the swap and
+weight-load counters are the sum over the workers); 16 closed-loop clients, single-image
+requests, 20% OOD.
 """
 
 from __future__ import annotations
@@ -128,7 +130,15 @@ async def _bench(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
     shutil.copytree(source, repo / MODEL / "1")
     server = start_server(
         None,
-        {"repository": repo, "poll_interval_s": 0.5, "cache_enabled": False, "torch_threads": 1},
+        {
+            "repository": repo,
+            "poll_interval_s": 0.5,
+            "cache_enabled": False,
+            "torch_threads": 1,
+            # Each worker loads every version itself, and the repository counters are summed
+            # over the workers: one worker keeps the counts per process.
+            "workers": args.workers,
+        },
         log_path=args.out / "server.log",
     )
     state = {"repo": repo, "source": source, "next": 1, "every": args.swap_every}
@@ -159,8 +169,11 @@ async def _bench(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
             "swap_every_s": args.swap_every,
             "clients": 16,
             "poll_interval_s": 0.5,
+            "workers": args.workers,
             "cuda": torch.cuda.is_available(),
         },
+        "versions_dropped": state["next"] - 1,
+        "versions_with_new_weights": sum(1 for v in range(2, state["next"] + 1) if v % 2 == 1),
         "phases": {
             k: {
                 "requests_per_s": r.throughput_rps,
@@ -189,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--swap-every", type=float, default=2.0)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server worker processes (counters sum over them)"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nacguard-swap-") as tmp:
@@ -206,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     r = report["ratios"]
     lines.append(
         f"\nswap / steady: throughput {r['throughput_swap_over_steady']:.2f}x, "
-        f"p99 {r['p99_swap_over_steady']:.2f}x; weight loads {report['weight_loads']:.0f}"
+        f"p99 {r['p99_swap_over_steady']:.2f}x; {report['versions_dropped']} versions dropped "
+        f"({report['versions_with_new_weights']} with new weights), weight loads "
+        f"{report['weight_loads']:.0f} (version 1 included), {args.workers} worker(s)"
     )
     (args.out / "swap_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

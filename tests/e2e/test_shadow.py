@@ -241,3 +241,31 @@ def test_admin_shadow_and_promotion(tmp_path: Path, bundles: dict) -> None:
         assert httpx.post(f"{base}/shadow/unload", headers=admin).status_code == 404
     finally:
         proc.stop()
+
+
+def test_workers_export_every_version_and_role(tmp_path: Path, bundles: dict) -> None:
+    """Two worker processes: a scrape of either shows every model, version and role, summed
+    over the workers, and each version's drift window counts its own images only."""
+    repo = tmp_path / "repo"
+    shutil.copytree(bundles["a"], repo / "m1" / "1")
+    shutil.copytree(bundles["a-shadow"], repo / "m1" / "2")
+    (repo / "m1" / "shadow").write_text("2")
+    shutil.copytree(bundles["b-shadow"], repo / "m2" / "1")
+    proc = start_server(None, tmp_path / "workers.log", repository=repo, workers=2)
+    sent = {"m1": 6, "m2": 4}
+    try:
+        for model, n in sent.items():
+            for data in IMAGES[:n]:  # a connection each: the kernel spreads them over workers
+                r = httpx.post(f"{proc.url}/predict?model={model}", content=data, headers=PNG)
+                assert r.status_code == 200, r.text
+        text = httpx.get(f"{proc.url}/metrics").text
+    finally:
+        proc.stop()
+    expected = [("m1", "1", "primary", 6), ("m1", "2", "shadow", 6), ("m2", "1", "primary", 4)]
+    for model, version, role, n in expected:
+        labels = {"model": model, "version": version, "role": role}
+        assert _value(text, "nacguard_images_scored_total", **labels) == n, labels
+        assert _value(text, "nacguard_drift_samples", scope="local", **labels) == n, labels
+        loaded = _value(text, "nacguard_model_versions_loaded", **labels)
+        assert loaded == 1, labels
+    assert "pid=" not in text

@@ -12,6 +12,7 @@ swaps).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -84,11 +85,14 @@ class RepositoryMetrics:
         self._swaps = Counter(
             "nacguard_model_swaps", HELP["model_swaps"], ["model"], registry=self.registry
         )
+        # Several workers (PROMETHEUS_MULTIPROC_DIR): every worker loads the same versions.
+        self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self._loaded = Gauge(
             "nacguard_model_versions_loaded",
             HELP["model_versions_loaded"],
             ["model", "version", "role"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
 
     def shadow_batch(self, model: str, version: int, forward: str) -> None:
@@ -112,6 +116,9 @@ class RepositoryMetrics:
         """Mark a version loaded (or remove its series once unloaded)."""
         if loaded:
             self._loaded.labels(model, str(version), role).set(1)
+        elif self._multiprocess:
+            # A removed series stays in the workers' value files: 0 says unloaded there.
+            self._loaded.labels(model, str(version), role).set(0)
         else:
             with contextlib.suppress(KeyError):
                 self._loaded.remove(model, str(version), role)

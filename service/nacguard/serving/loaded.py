@@ -295,7 +295,13 @@ async def load_version(
     runners = [Runner(c, name=c.device) for c in computes]
     store: Store | None = None
     try:
-        store = make_store(s, profile_id, metrics, drift_bins=drift.reference.n_bins)
+        store = make_store(
+            s,
+            profile_id,
+            metrics,
+            drift_bins=drift.reference.n_bins,
+            drift_key=f"{entry.model}/{entry.version}/primary",
+        )
         await store.start()
         drift.attach(store.drift)
         spec = bundle.preprocess

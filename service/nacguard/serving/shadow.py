@@ -143,7 +143,11 @@ async def load_shadow(
         # Only the drift window is used: no cache, no review records of its own.
         quiet = s.model_copy(update={"cache_enabled": False, "review_dir": None})
         store = make_store(
-            quiet, bundle.identity + ":shadow", metrics, drift_bins=drift.reference.n_bins
+            quiet,
+            bundle.identity + ":shadow",
+            metrics,
+            drift_bins=drift.reference.n_bins,
+            drift_key=f"{entry.model}/{entry.version}/shadow",
         )
         await store.start()
         drift.attach(store.drift)

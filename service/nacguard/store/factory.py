@@ -3,6 +3,7 @@ picks Redis or the in-process fallback from the settings."""
 
 from __future__ import annotations
 
+import hashlib
 from types import TracebackType
 
 from nacguard.settings import Settings
@@ -97,6 +98,7 @@ def make_store(
     *,
     drift_bins: int | None = None,
     health_interval_s: float = 1.0,
+    drift_key: str = "",
 ) -> Store:
     """Build the store the settings ask for.
 
@@ -116,6 +118,9 @@ def make_store(
         drift_bins: number of drift score bins (``len(reference.edges) - 1``), when known, so
             an empty window has the right length.
         health_interval_s: how often the health task PINGs a Redis that is down.
+        drift_key: which of the process's drift windows this is (the model repository's
+            ``model/version/role``), so the workers' shared windows of different versions
+            stay apart (without Redis; with Redis ``profile_id`` keys the window).
 
     Returns:
         The store; call ``await store.start()`` before use.
@@ -168,5 +173,6 @@ def make_store(
     if settings.run_dir is not None and settings.worker_count > 1 and drift_bins:
         # Several workers: one window for the replica, merged across them through the shared
         # folder (the result cache stays per worker; the review folder is shared).
-        drift = WorkerDriftWindow(settings.run_dir, settings.drift_window_s, drift_bins)
+        key = hashlib.sha256(drift_key.encode()).hexdigest()[:16]
+        drift = WorkerDriftWindow(settings.run_dir, settings.drift_window_s, drift_bins, key=key)
     return Store(cache=cache, review=review, drift=drift, link=None)

@@ -1,7 +1,7 @@
 """The drift window of one replica whose workers are separate processes, without Redis.
 
-Each worker owns one small memory-mapped file in the server's shared folder
-(``drift-<pid>.bin``): a ring of time buckets, each row ``[bucket, count_0, ..., count_n]`` in
+Each worker owns one small memory-mapped file per window in the server's shared folder
+(``drift-<key>-<pid>.bin``; the key tells the model repository's versions apart): a ring of time buckets, each row ``[bucket, count_0, ..., count_n]`` in
 int64. A worker adds to its own file only (one writer per file, on its event loop, no locks,
 no system calls: it is a memory write), and reads the sum over every worker's file, so each
 worker's ``/v1/drift`` and drift gauges describe the whole replica, at once and exactly.
@@ -25,13 +25,11 @@ from nacguard.store.base import DRIFT_BUCKET_S, WindowCounts, drift_bucket, drif
 
 __all__ = ["WorkerDriftWindow"]
 
-_FILE_PATTERN = "drift-*.bin"
-
 
 def _alive(path: Path) -> bool:
-    """Whether the process that owns ``drift-<pid>.bin`` still runs."""
+    """Whether the process that owns ``drift-<key>-<pid>.bin`` still runs."""
     try:
-        os.kill(int(path.stem.split("-")[1]), 0)
+        os.kill(int(path.stem.rsplit("-", 1)[1]), 0)
     except (ValueError, IndexError, ProcessLookupError):
         return False
     except PermissionError:
@@ -47,17 +45,28 @@ class WorkerDriftWindow:
         window_s: how far back :meth:`read` sums.
         n_bins: number of score bins (fixed: it is the files' row width).
         pid: the process whose file this worker writes (this one's by default).
+        key: which window (letters and digits): each loaded model version (and shadow) has
+            its own, summed over the workers' files of the same key only.
     """
 
     def __init__(
-        self, directory: Path, window_s: float, n_bins: int, *, pid: int | None = None
+        self,
+        directory: Path,
+        window_s: float,
+        n_bins: int,
+        *,
+        pid: int | None = None,
+        key: str = "default",
     ) -> None:
+        if not key.isalnum():
+            raise ValueError(f"drift window key {key!r}: letters and digits only")
         self._dir = Path(directory)
+        self._pattern = f"drift-{key}-*.bin"
         self._window_s = window_s
         self._n_bins = n_bins
         # Two buckets more than the window spans, so the slot being reused is always outside it.
         self._ring = math.ceil(window_s / DRIFT_BUCKET_S) + 2
-        self._path = self._dir / f"drift-{pid or os.getpid()}.bin"
+        self._path = self._dir / f"drift-{key}-{pid or os.getpid()}.bin"
         self._own = np.memmap(self._path, dtype=np.int64, mode="w+", shape=self._shape)
         self._own[:, 0] = -1
         self._own.flush()
@@ -87,7 +96,7 @@ class WorkerDriftWindow:
     def _other_files(self) -> list[tuple[Path, np.memmap]]:
         """The other workers' files (mapped once, rescanned for new ones on every read)."""
         mapped: dict[Path, np.memmap] = {}
-        for path in self._dir.glob(_FILE_PATTERN):
+        for path in self._dir.glob(self._pattern):
             if path == self._path:
                 continue
             found = self._others.get(path)

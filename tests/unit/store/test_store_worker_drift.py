@@ -54,3 +54,16 @@ def test_a_dead_workers_file_counts_until_it_ages_out(tmp_path: Path) -> None:
     window.counts(NOW + 100)
     # The dead worker's file is gone; a live worker's stays, however idle.
     assert sorted(tmp_path.glob("drift-*.bin")) == sorted([window._path, idle._path])
+
+
+def test_windows_of_different_keys_stay_apart(tmp_path: Path) -> None:
+    """Two loaded versions in one worker (and another worker's): each key sums its own files;
+    the row widths may differ."""
+    v1 = WorkerDriftWindow(tmp_path, 300, 4, key="v1")
+    v2 = WorkerDriftWindow(tmp_path, 300, 3, key="v2")
+    v1_other = WorkerDriftWindow(tmp_path, 300, 4, key="v1", pid=os.getppid())
+    v1.record(np.array([1, 0, 2, 0]), NOW)
+    v2.record(np.array([5, 5, 5]), NOW)
+    v1_other.record(np.array([0, 1, 0, 0]), NOW)
+    assert v1.counts(NOW).tolist() == [1, 1, 2, 0]
+    assert v2.counts(NOW).tolist() == [5, 5, 5]
