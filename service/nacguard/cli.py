@@ -113,10 +113,11 @@ def _print_sanity(sanity: dict[str, Any] | None) -> None:
 
 def _cmd_profile_eval(args: argparse.Namespace) -> int:
     from nacguard.bundle import load_bundle
+    from nacguard.offline.addressing import bundle_path
     from nacguard.offline.datasets import load_source
     from nacguard.offline.evaluate import evaluate, write_report
 
-    bundle = load_bundle(args.profile, args.device)
+    bundle = load_bundle(bundle_path(args), args.device)
     ind = load_source(args.ind, limit=args.limit, seed=args.seed)
     oods = {}
     for item in args.ood:
@@ -142,8 +143,9 @@ def _cmd_profile_eval(args: argparse.Namespace) -> int:
 
 def _cmd_profile_inspect(args: argparse.Namespace) -> int:
     from nacguard.bundle import load_bundle
+    from nacguard.offline.addressing import bundle_path
 
-    info = load_bundle(args.profile).describe()
+    info = load_bundle(bundle_path(args)).describe()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -157,11 +159,12 @@ def _cmd_profile_inspect(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from nacguard.bundle import load_bundle
     from nacguard.imaging.preprocess import decode_image
+    from nacguard.offline.addressing import bundle_path
     from nacguard.offline.datasets import image_files
     from nacguard.offline.summary import score_line
 
     bundle = load_bundle(
-        args.profile, args.device, ood_alpha=args.alpha, ood_detector=args.detector
+        bundle_path(args), args.device, ood_alpha=args.alpha, ood_detector=args.detector
     )
     files = image_files(args.paths)
     limit = Settings().max_image_pixels
@@ -253,6 +256,7 @@ def _cmd_review_export(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from nacguard.offline import profile_cli
+    from nacguard.offline.addressing import add_bundle_flags
     from nacguard.offline.model_setup import add_model_arguments
 
     p = argparse.ArgumentParser(prog="nacguard", description=__doc__)
@@ -296,16 +300,10 @@ def _parser() -> argparse.ArgumentParser:
         add(psub)
 
     e = psub.add_parser("eval", help="AUROC / FPR95 / AUPR of NAC, MSP and energy")
-    e.add_argument("--profile", required=True)
+    add_bundle_flags(e)
     e.add_argument("--ind", required=True)
-    e.add_argument(
-        "--ood",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="NAME=SOURCE",
-        help="OOD sets; repeat the flag or give several (every set is evaluated)",
-    )
+    e.add_argument("--ood", nargs="+", action="extend", required=True, metavar="NAME=SOURCE",
+                   help="OOD sets; repeat the flag or give several (every set is evaluated)")  # fmt: skip
     e.add_argument("--json")
     e.add_argument("--report")
     e.add_argument("--limit", type=int, help="at most N images per source (seeded subset)")
@@ -315,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_profile_eval)
 
     i = psub.add_parser("inspect", help="human-readable summary of a bundle")
-    i.add_argument("profile")
+    add_bundle_flags(i, positional=True)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_profile_inspect)
 
@@ -331,7 +329,7 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_review_export)
 
     s = sub.add_parser("score", help="score image files or folders offline")
-    s.add_argument("--profile", required=True)
+    add_bundle_flags(s)
     s.add_argument("paths", nargs="+")
     s.add_argument("--json", action="store_true")
     s.add_argument("--top-k", type=int, default=3)

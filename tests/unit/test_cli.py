@@ -173,3 +173,41 @@ def test_torchrun_two_processes_give_the_single_process_profile(data: Path, tmp_
     assert meta["provenance"]["processes"] == 2
     assert meta["nac"]["samples"] == 60
     assert sys.executable  # the same interpreter runs torchrun's workers
+
+
+def test_score_addresses_a_model_of_a_repository(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--repository DIR --model NAME [--version V]`` names a bundle as ``--profile`` does;
+    an unknown model or version is one clear line and exit 2."""
+    from tests.fixtures.bundles import build_tiny_bundle, encoded_images
+    from tests.fixtures.repository import with_threshold
+
+    repo = tmp_path / "repo"
+    v1 = build_tiny_bundle(tmp_path / "tiny", seed=0)
+    shutil.copytree(v1, repo / "tiny" / "1")
+    with_threshold(v1, repo / "tiny" / "2", threshold=2.0)  # every image flagged
+    image = tmp_path / "x.png"
+    image.write_bytes(encoded_images(1, seed=3)[0])
+
+    def score(*flags: str) -> list[dict]:
+        assert main(["score", *flags, "--json", str(image)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    by_profile = score("--profile", str(v1))
+    assert score("--repository", str(repo), "--model", "tiny", "--version", "1") == by_profile
+    latest = score("--repository", str(repo), "--model", "tiny")
+    assert latest[0]["threshold"] == 2.0 and latest[0]["ood"] is True
+    assert by_profile[0]["threshold"] != 2.0
+    assert main(["profile", "inspect", "--repository", str(repo), "--model", "tiny"]) == 0
+    assert "threshold" in capsys.readouterr().out
+    for flags, needle in (
+        (["--repository", str(repo), "--model", "nope"], "no model 'nope'"),
+        (["--repository", str(repo), "--model", "tiny", "--version", "7"], "no version 7"),
+        (["--model", "tiny"], "need --repository"),
+        ([], "name the bundle"),
+        (["--repository", str(tmp_path / "none"), "--model", "tiny"], "not a directory"),
+    ):
+        assert main(["score", *flags, str(image)]) == 2, flags
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, (flags, err)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from nacguard.bundle.format import BUNDLE_FILE, SCHEMA_VERSION
 from nacguard.bundle.refs import model_name
-from nacguard.errors import BundleError
+from nacguard.errors import BundleError, ModelNotFound
 from nacguard.settings import Settings
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "VersionPolicy",
     "discover",
     "read_entry",
+    "resolve",
     "scan",
     "single_bundle",
 ]
@@ -211,6 +212,38 @@ def _read_shadow(file: Path, model: str, result: Scan) -> None:
         result.problems.append(f"{file}: not a version number ({text[:20]!r}), no shadow")
         return
     result.shadows[model] = int(text)
+
+
+def resolve(root: Path, model: str, version: int | None = None) -> VersionEntry:
+    """The valid version ``version`` of ``model`` in the repository ``root`` (default: the
+    highest valid one that is not the model's shadow), checked as a scan checks it.
+
+    Raises:
+        ModelNotFound: no such model, or no such valid version (the message says which exist,
+            or why the version was refused).
+    """
+    if not root.is_dir():
+        raise ModelNotFound(f"repository {root}: not a directory")
+    found = scan(root)
+    entries = found.models.get(model, [])
+    if not entries and not any(m == model for m, _ in found.refused):
+        raise ModelNotFound(
+            f"no model {model!r} in repository {root}; models: {sorted(found.models)}"
+        )
+    if version is None:
+        usable = [e for e in entries if e.version != found.shadows.get(model)] or entries
+        if usable:
+            return usable[-1]
+        raise ModelNotFound(f"model {model!r} in {root} has no valid version")
+    for entry in entries:
+        if entry.version == version:
+            return entry
+    if (model, version) in found.refused:
+        raise ModelNotFound(found.refused[(model, version)])
+    raise ModelNotFound(
+        f"model {model!r} in {root} has no version {version}; "
+        f"versions: {[e.version for e in entries]}"
+    )
 
 
 def single_bundle(path: Path) -> Scan:
