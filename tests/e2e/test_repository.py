@@ -35,6 +35,7 @@ class Load:
     versions: list[list[int]] = field(default_factory=lambda: [[] for _ in range(CLIENTS)])
     thresholds: dict[int, set[float]] = field(default_factory=dict)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
+    readyz: list[int] = field(default_factory=list)  # /readyz statuses seen across the change
 
     @property
     def count(self) -> int:
@@ -83,7 +84,9 @@ async def _under_load(
             while not re.search(until, (await client.get("/metrics")).text, re.M):
                 assert time.monotonic() < deadline, f"/metrics never matched {until!r}"
                 assert not any(t.done() for t in tasks), "a load client died"
+                load.readyz.append((await client.get("/readyz")).status_code)
                 await asyncio.sleep(0.05)
+            load.readyz.append((await client.get("/readyz")).status_code)
             await load.wait_for(load.count + 20)
         finally:
             stop.set()
@@ -128,6 +131,8 @@ def _stage(repo: Path, name: str) -> Path:
 
 def _check_clean(load: Load, before: int, after: int) -> None:
     assert set(load.statuses) == {200}, load.statuses
+    # The pod stays in its Service: readiness answered 200 all through the change.
+    assert load.readyz and set(load.readyz) == {200}, load.readyz
     for seen in load.versions:
         assert seen == sorted(seen), "a client got the old version after the new one"
         assert seen[0] == before and seen[-1] == after, (seen[0], seen[-1])

@@ -78,13 +78,15 @@ def _schema_errors(objs: list[Obj], version: str) -> list[str]:
     return errors
 
 
-def _with_profile_volume(tmp_path: Path, overlay: str) -> list[Obj]:
-    """Render an overlay with the profile-volume component, as docs/deployment.md tells users."""
+def _with_profile_volume(
+    tmp_path: Path, overlay: str, component: str = "profile-volume"
+) -> list[Obj]:
+    """Render an overlay with a component, as docs/deployment.md tells users."""
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],
-        "components": [os.path.relpath(K8S / "components" / "profile-volume", tmp_path)],
+        "components": [os.path.relpath(K8S / "components" / component, tmp_path)],
     }
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return kustomize_build(tmp_path)
@@ -126,6 +128,32 @@ def test_profile_volume_component_renders_and_validates(tmp_path: Path, overlay_
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert one(objs, "PersistentVolumeClaim", claim)
     assert container_env(container, objs)["NACGUARD_PROFILE"] == "/opt/nacguard/profile"
+
+
+@pytest.mark.parametrize("overlay_name", OVERLAYS)
+def test_model_repository_component_renders_and_validates(
+    tmp_path: Path, overlay_name: str
+) -> None:
+    """The whole claim is mounted read-only where NACGUARD_REPOSITORY points, in poll mode."""
+    objs = _with_profile_volume(tmp_path, overlay_name, "model-repository")
+    assert _schema_errors(objs, MIN_KUBERNETES) == []
+    deploy = one(objs, "Deployment", "nacguard")
+    pod = deploy["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "nacguard")
+    env = container_env(container, objs)
+    assert env["NACGUARD_REPOSITORY_MODE"] == "poll"
+    mount = next(
+        m for m in container["volumeMounts"] if m["mountPath"] == env["NACGUARD_REPOSITORY"]
+    )
+    assert mount["readOnly"] is True and "subPath" not in mount
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = one(objs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    # The settings the component sets are ones the server knows, with valid values.
+    from nacguard.settings import Settings
+
+    keys = ("REPOSITORY", "REPOSITORY_MODE", "POLL_INTERVAL_S", "VERSION_POLICY")
+    Settings(**{k.lower(): env[f"NACGUARD_{k}"] for k in keys})
 
 
 def test_schema_validation_rejects_a_misspelt_field(objs: list[Obj]) -> None:
