@@ -24,6 +24,9 @@ OOD images, raw/multipart/JSON bodies in turn, unless told otherwise):
 3. **NAC fast path against the reference-style computation**, in-process (no HTTP: the
    reference is a baseline, not a server option) on the demo model, at batch 1 and at larger
    batches, round-robin.
+4. **Model repository swaps** (``--parts swap``, :mod:`loadtest.swap_bench`): requests/s,
+   p50/p99, non-200 answers and peak RSS of one server while a new version is dropped into
+   its repository every few seconds, side by side with steady state, interleaved.
 
 Outputs in ``--out``: ``bench.json`` (every run, with status codes, latency percentiles, batch
 sizes from the ``nacguard_batch_size_images`` histogram and CPU per request), ``bench.md`` (the
@@ -122,7 +125,8 @@ class BenchPlan:
         sweep_rounds: interleaved rounds of the sweep.
         sweep_duration_s: measured seconds per sweep point and round.
         parts: what to run: ``closed`` (the comparisons; the open loops need it), ``sweep``,
-            ``open``, ``inproc``.
+            ``open``, ``inproc``, ``scale``, ``swap`` (the model repository swapping versions
+            under load against steady state: :mod:`loadtest.swap_bench`).
         open_fractions: open-loop arrival rates as fractions of the saturation throughput.
         open_duration_s: measured seconds of the 0.5x and 2x open loops.
         open_point_duration_s: measured seconds of the other open-loop points.
@@ -135,6 +139,9 @@ class BenchPlan:
         inproc_rounds: its round-robin rounds.
         inproc_min_s: least seconds per variant, batch size and round.
         protocols_only: run only the protocol comparison (/predict, v2 REST, gRPC).
+        swap_duration_s: measured seconds per phase (steady, swap) of the swap part.
+        swap_rounds: its interleaved rounds.
+        swap_every_s: a new version every so many seconds of its swap phase.
     """
 
     concurrency: int = 32
@@ -145,7 +152,7 @@ class BenchPlan:
     sweep_configs: tuple[str, ...] = ("batching", "no-batching", "fixed-wait")
     sweep_rounds: int = 2
     sweep_duration_s: float = 2.0
-    parts: tuple[str, ...] = ("closed", "sweep", "open", "inproc", "scale")
+    parts: tuple[str, ...] = ("closed", "sweep", "open", "inproc", "scale", "swap")
     open_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 2.0)
     open_duration_s: float = 12.0
     open_point_duration_s: float = 4.0
@@ -158,6 +165,9 @@ class BenchPlan:
     inproc_rounds: int = 5
     inproc_min_s: float = 0.4
     protocols_only: bool = False
+    swap_duration_s: float = 6.0
+    swap_rounds: int = 2
+    swap_every_s: float = 2.0
 
     @classmethod
     def quick(cls) -> BenchPlan:
@@ -176,7 +186,11 @@ class BenchPlan:
             inproc_batches=(1, 16),
             inproc_rounds=1,
             inproc_min_s=0.05,
-            # The scale part (four more servers, LitServe among them) only when asked for.
+            swap_duration_s=2.5,
+            swap_rounds=1,
+            swap_every_s=1.0,
+            # The scale part (four more servers, LitServe among them) and the swap part only
+            # when asked for.
             parts=("closed", "sweep", "open", "inproc"),
         )
 
@@ -225,7 +239,7 @@ def _servers(
         server = start_server(profile, settings, log_path=log_dir / f"server-{cfg.name}.log")
         return cfg.name, server
 
-    pool = ThreadPoolExecutor(len(configs))
+    pool = ThreadPoolExecutor(max(1, len(configs)))  # none: a run of other parts only
     try:
         futures = [pool.submit(start, cfg) for cfg in configs]
         errors = []
@@ -501,10 +515,10 @@ def run_bench(
             )
 
         saturation_rps = merged["batching"].throughput_rps if "batching" in merged else math.nan
-        s = servers["batching"]
         queue_bound = int(str({**BENCH_DEFAULTS, **extra}.get("max_queue_images", 1024)))
         run_open = "open" in plan.parts and "closed" in plan.parts
         for fraction in plan.open_fractions if run_open else ():
+            s = servers["batching"]
             main_point = fraction in (0.5, 2.0)
             rate = max(1.0, fraction * saturation_rps)
             # Below saturation a few connections suffice; at and above it the pool must exceed
@@ -548,6 +562,19 @@ def run_bench(
             warmup_s=plan.warmup_s,
         )
         scale = run_scale(scale_plan, profile=profile, extra=extra, log_dir=log_dir)
+    swap: dict[str, Any] | None = None
+    if "swap" in plan.parts:
+        from loadtest.swap_bench import run_swap
+
+        log.info("the model repository swapping versions under load (swap_bench)")
+        swap = run_swap(
+            duration_s=plan.swap_duration_s,
+            rounds=plan.swap_rounds,
+            swap_every_s=plan.swap_every_s,
+            profile=profile,
+            extra=extra,
+            log_dir=log_dir,
+        )
     meta = _meta(plan, profile, extra)
     meta["load_average_at_start"] = load_at_start
     report: dict[str, Any] = {
@@ -566,6 +593,11 @@ def run_bench(
     if scale is not None:
         report["scale"] = scale
         targets += [Target(**t) for t in scale_targets(scale)]
+    if swap is not None:
+        from loadtest.swap_bench import swap_targets
+
+        report["swap"] = swap
+        targets += [Target(**t) for t in swap_targets(swap)]
     report["targets"] = [asdict(t) for t in targets]
     meta["wall_s"] = time.perf_counter() - started
     return report
@@ -783,6 +815,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
         lines += ["", "Workers, overload and the LitServe peer (`scale_bench.py`):", ""]
         lines += [render_scale_markdown(report["scale"])]
+    if report.get("swap"):
+        from loadtest.swap_bench import render_swap_markdown
+
+        s = report["swap"]["settings"]
+        lines += [
+            "",
+            f"Model repository, steady vs swapping (`swap_bench.py`): {s['rounds']} interleaved "
+            f"rounds of {s['duration_s']:g} s per phase, a new version every "
+            f"{s['swap_every_s']:g} s (every other one with new weights), {s['clients']} "
+            f"clients, poll_interval_s={s['poll_interval_s']:g}, {s['workers']} worker(s):",
+            "",
+            render_swap_markdown(report["swap"]).rstrip("\n"),
+        ]
     lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
     for t in report["targets"]:
         op = ">=" if t["higher_is_better"] else "<="
@@ -978,8 +1023,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--parts",
         type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
-        help="what to run, of closed,sweep,open,inproc,scale (default all; open needs closed; "
-        "--quick leaves out scale)",
+        help="what to run, of closed,sweep,open,inproc,scale,swap (default all; open needs "
+        "closed; --quick leaves out scale and swap)",
     )
     p.add_argument(
         "--sweep",

@@ -125,22 +125,20 @@ async def _phase(
 
 
 async def _bench(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
-    source = demo_profile()
+    source = args.profile or demo_profile()
     (repo / MODEL).mkdir(parents=True)
     shutil.copytree(source, repo / MODEL / "1")
-    server = start_server(
-        None,
-        {
-            "repository": repo,
-            "poll_interval_s": 0.5,
-            "cache_enabled": False,
-            "torch_threads": 1,
-            # Each worker loads every version itself, and the repository counters are summed
-            # over the workers: one worker keeps the counts per process.
-            "workers": args.workers,
-        },
-        log_path=args.out / "server.log",
-    )
+    settings = {
+        "torch_threads": 1,
+        **args.extra,
+        "repository": repo,
+        "poll_interval_s": 0.5,
+        "cache_enabled": False,
+        # Each worker loads every version itself, and the repository counters are summed
+        # over the workers: one worker keeps the counts per process.
+        "workers": args.workers,
+    }
+    server = start_server(None, settings, log_path=args.log_dir / "swap-server.log")
     state = {"repo": repo, "source": source, "next": 1, "every": args.swap_every}
     payloads = build_payloads(256, seed=3)
     results: dict[str, list[RunResult]] = {"steady": [], "swap": []}
@@ -195,21 +193,56 @@ async def _bench(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and write ``swap_bench.json`` and ``swap_bench.md`` to ``--out``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("swap-out"))
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per phase")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--swap-every", type=float, default=2.0)
-    parser.add_argument(
-        "--workers", type=int, default=1, help="server worker processes (counters sum over them)"
+def run_swap(
+    *,
+    duration_s: float,
+    rounds: int,
+    swap_every_s: float,
+    log_dir: Path,
+    workers: int = 1,
+    profile: Path | None = None,
+    extra: dict[str, object] | None = None,
+) -> dict[str, Any]:
+    """Run the steady and swap phases side by side and return the report (JSON-able); what
+    ``loadtest/bench.py --parts swap`` runs.
+
+    Args:
+        duration_s: seconds per phase; rounds: interleaved rounds of both phases.
+        swap_every_s: a new version every so many seconds of a swap phase.
+        log_dir: where the server's log goes; workers: server worker processes.
+        profile: the bundle version 1 is (default: the demo profile).
+        extra: further server settings (the benchmark's own override them).
+    """
+    args = argparse.Namespace(
+        duration=duration_s,
+        rounds=rounds,
+        swap_every=swap_every_s,
+        log_dir=log_dir,
+        workers=workers,
+        profile=profile,
+        extra=dict(extra or {}),
     )
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nacguard-swap-") as tmp:
-        report = asyncio.run(_bench(args, Path(tmp) / "repository"))
-    (args.out / "swap_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        return asyncio.run(_bench(args, Path(tmp) / "repository"))
+
+
+def swap_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bench's bound: no request answered other than 200 while versions swap."""
+    swap = report["phases"]["swap"]
+    return [
+        {
+            "name": "non-200 answers while swapping versions",
+            "value": float(swap["non_200"]),
+            "threshold": 0.0,
+            "higher_is_better": False,
+            "detail": f"{swap['swaps']:.0f} swaps, {swap['sent']} requests",
+        }
+    ]
+
+
+def render_swap_markdown(report: dict[str, Any]) -> str:
+    """The phases side by side, and the ratios."""
     lines = [
         "| phase | req/s | p50 ms | p99 ms | non-200 | swaps | peak RSS MB |",
         "|---|---|---|---|---|---|---|",
@@ -224,10 +257,35 @@ def main(argv: list[str] | None = None) -> int:
         f"\nswap / steady: throughput {r['throughput_swap_over_steady']:.2f}x, "
         f"p99 {r['p99_swap_over_steady']:.2f}x; {report['versions_dropped']} versions dropped "
         f"({report['versions_with_new_weights']} with new weights), weight loads "
-        f"{report['weight_loads']:.0f} (version 1 included), {args.workers} worker(s)"
+        f"{report['weight_loads']:.0f} (version 1 included), "
+        f"{report['settings']['workers']} worker(s)"
     )
-    (args.out / "swap_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write ``swap_bench.json`` and ``swap_bench.md`` to ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("swap-out"))
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per phase")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--swap-every", type=float, default=2.0)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server worker processes (counters sum over them)"
+    )
+    args = parser.parse_args(argv)
+    report = run_swap(
+        duration_s=args.duration,
+        rounds=args.rounds,
+        swap_every_s=args.swap_every,
+        workers=args.workers,
+        log_dir=Path(tempfile.gettempdir()) / "nacguard-swap-logs",
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "swap_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = render_swap_markdown(report)
+    (args.out / "swap_bench.md").write_text(text)
+    print(text, end="")
     return 0
 
 

@@ -138,6 +138,36 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
         image.verify()
 
 
+def test_bench_swap_part_reports_both_phases(tmp_path: Path) -> None:
+    """``--parts swap``: steady and swapping side by side (loadtest/swap_bench.py's run),
+    with the swaps it made, the RSS, and its no-failed-request bound."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "loadtest/bench.py", "--quick", "--parts", "swap", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = _strict_json((out / "bench.json").read_text())
+    assert report["closed"] == {} and report["open"] == []
+    swap = report["swap"]
+    steady, swapping = swap["phases"]["steady"], swap["phases"]["swap"]
+    assert steady["swaps"] == 0 and swapping["swaps"] >= 1
+    for phase in (steady, swapping):
+        assert phase["requests_per_s"] > 0 and phase["p50_ms"] <= phase["p99_ms"]
+        assert phase["peak_rss_mb"] > 0
+    assert swap["ratios"]["throughput_swap_over_steady"] == pytest.approx(
+        swapping["requests_per_s"] / steady["requests_per_s"]
+    )
+    assert swap["weight_loads"] >= 1
+    assert [t["name"] for t in report["targets"]] == ["non-200 answers while swapping versions"]
+    markdown = (out / "bench.md").read_text()
+    assert "| phase | req/s | p50 ms | p99 ms | non-200 | swaps | peak RSS MB |" in markdown
+    assert "| steady |" in markdown and "| swap |" in markdown
+
+
 def test_locust_headless_against_a_real_server(tmp_path: Path) -> None:
     # find_spec, not importorskip: importing locust monkey-patches the whole process with
     # gevent, and pytest then never exits (its main thread ends up parked in gevent's hub).
