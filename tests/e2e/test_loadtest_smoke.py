@@ -168,6 +168,23 @@ def test_bench_swap_part_reports_both_phases(tmp_path: Path) -> None:
     assert "| steady |" in markdown and "| swap |" in markdown
 
 
+def test_shadow_bench_writes_its_table(tmp_path: Path) -> None:
+    """``loadtest/shadow_bench.py``: the three variants per batch size, ratios consistent."""
+    from loadtest.shadow_bench import main as shadow_main
+
+    out = tmp_path / "shadow"
+    assert (
+        shadow_main(["--out", str(out), "--rounds", "1", "--min-s", "0.02", "--batches", "1,4"])
+        == 0
+    )
+    report = _strict_json((out / "shadow_bench.json").read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 4]
+    for r in report["rows"]:
+        assert r["primary_ips"] > 0 and r["shadow_shared_ips"] > 0 and r["shadow_separate_ips"] > 0
+        assert r["shared_over_primary"] == pytest.approx(r["shadow_shared_ips"] / r["primary_ips"])
+    assert "| batch | primary img/s |" in (out / "shadow_bench.md").read_text()
+
+
 def test_locust_headless_against_a_real_server(tmp_path: Path) -> None:
     # find_spec, not importorskip: importing locust monkey-patches the whole process with
     # gevent, and pytest then never exits (its main thread ends up parked in gevent's hub).

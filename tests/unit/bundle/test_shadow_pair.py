@@ -42,3 +42,16 @@ def test_other_weights_do_not_share_states(pair: tuple[Bundle, Bundle, Path]) ->
     primary, _, shadow_dir = pair
     separate = load_bundle(shadow_dir)  # the same weights file, another module
     assert not shares_states(primary, separate)
+
+
+def test_batch_buckets_pad_and_cut_alike(pair: tuple[Bundle, Bundle, Path]) -> None:
+    """With buckets (padding, and chunks past the largest) each image's pair is still what
+    each profile's own predict_batch gives."""
+    primary, _, shadow_dir = pair
+    bucketed = load_bundle(primary.path, batch_buckets=[2, 4])
+    shadow = load_bundle(shadow_dir, batch_buckets=[2, 4], model=bucketed.model)
+    x = torch.rand(7, 1, 28, 28)  # chunks of 4 and 3 (padded to 4)
+    ours, theirs = predict_pair(bucketed, shadow, x)
+    assert len(ours) == len(theirs) == 7
+    assert [p.nac_score for p in ours] == [p.nac_score for p in bucketed.predict_batch(x)]
+    assert [p.ood for p in theirs] == [p.ood for p in shadow.predict_batch(x)]
