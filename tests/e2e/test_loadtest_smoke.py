@@ -170,13 +170,13 @@ def test_bench_swap_part_reports_both_phases(tmp_path: Path) -> None:
 
 def test_shadow_bench_writes_its_table(tmp_path: Path) -> None:
     """``loadtest/shadow_bench.py``: the three variants per batch size, ratios consistent."""
-    from loadtest.shadow_bench import main as shadow_main
-
     out = tmp_path / "shadow"
-    assert (
-        shadow_main(["--out", str(out), "--rounds", "1", "--min-s", "0.02", "--batches", "1,4"])
-        == 0
-    )
+    proc = subprocess.run(
+        [sys.executable, "loadtest/shadow_bench.py", "--out", str(out), "--rounds", "1",
+         "--min-s", "0.02", "--batches", "1,4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
     report = _strict_json((out / "shadow_bench.json").read_text())
     assert [r["batch"] for r in report["rows"]] == [1, 4]
     for r in report["rows"]:
