@@ -189,17 +189,45 @@ def test_shadow_on_other_weights(server: ServerProcess, repo: Path, bundles: dic
     assert not re.search(r'role="shadow",version="2"', text)  # the old shadow is unloaded
 
 
-def test_promotion_by_removing_the_shadow_file(server: ServerProcess, repo: Path) -> None:
-    """Without the file, v3 is an ordinary version: the latest, so it serves, on the weights
-    the shadow had loaded."""
-    _mark_shadow(repo, None)
-    _wait_metrics(server.url, rf'^nacguard_model_versions_loaded\{{model="{MODEL}",'
-                  rf'role="primary",version="3"\}} 1')  # fmt: skip
-    assert {a["version"] for a in _ask_all(server.url)} == {3}
+def _loaded(url: str, role: str, version: int) -> None:
+    _wait_metrics(url, rf'^nacguard_model_versions_loaded\{{model="{MODEL}",'
+                  rf'role="{role}",version="{version}"\}} 1')  # fmt: skip
+
+
+def test_promotion_by_moving_the_directory(server: ServerProcess, repo: Path) -> None:
+    """The shadow's folder moved to a new version number: the shadow is gone, and the new
+    version, the latest, serves on the weights the shadow had loaded."""
+    (repo / MODEL / "3").rename(repo / MODEL / "4")
+    _loaded(server.url, "primary", 4)
+    assert {a["version"] for a in _ask_all(server.url)} == {4}
     text = httpx.get(f"{server.url}/metrics").text
     assert 'role="shadow"' not in text
-    # Promoted, v3 took the shadow's loaded weights: none read again.
-    assert _value(text, "nacguard_model_weight_loads_total", model=MODEL) == 2
+    assert _value(text, "nacguard_model_weight_loads_total", model=MODEL) == 2  # none read
+    assert server.logs().count("the shadow file names version 3, not a valid version") == 1
+
+
+def test_promotion_by_removing_the_shadow_file(
+    server: ServerProcess, repo: Path, bundles: dict
+) -> None:
+    """A new shadow (v5, on weights no loaded version has: read once); without the file, v5 is
+    an ordinary version, the latest, so it serves, on the weights the shadow had loaded."""
+    staged = repo / ".stage-5"
+    shutil.copytree(bundles["a-shadow"], staged)
+    drop_version(staged, repo, MODEL, 5)
+    _mark_shadow(repo, 5)
+    _loaded(server.url, "shadow", 5)
+    assert {a["version"] for a in _ask_all(server.url)} == {4}
+    text = httpx.get(f"{server.url}/metrics").text
+    assert _value(text, "nacguard_images_scored_total", role="shadow", version="5") == len(IMAGES)
+    assert _value(text, "nacguard_model_weight_loads_total", model=MODEL) == 3
+    _mark_shadow(repo, None)
+    _loaded(server.url, "primary", 5)
+    answers = _ask_all(server.url)
+    assert {a["version"] for a in answers} == {5}
+    assert _flags(answers) == [f for _, f in _offline(bundles["a-shadow"])]
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'role="shadow"' not in text
+    assert _value(text, "nacguard_model_weight_loads_total", model=MODEL) == 3
 
 
 def test_admin_shadow_and_promotion(tmp_path: Path, bundles: dict) -> None:

@@ -280,17 +280,15 @@ class Reconciler:
         self, model: str, entries: list[VersionEntry], wanted: int | None, *, unload_missing: bool
     ) -> None:
         current = self.table.shadow(model)
-        if wanted is None:
-            if current is not None and unload_missing:
-                self.drop_shadow(model)
-            return
-        if current is not None and current.entry.version == wanted:
-            return
+        new = current is None or current.entry.version != wanted
         entry = next((e for e in entries if e.version == wanted), None)
         if entry is None or wanted in self.table.versions(model):
-            why = "not a valid version" if entry is None else "served as a primary"
-            self._report(f"{model}: the shadow file names version {wanted}, {why}; no shadow")
-        elif self._failed.get(entry.key) != entry.signature:
+            if wanted is not None:  # e.g. its folder was moved to a new version number
+                why = "not a valid version" if entry is None else "served as a primary"
+                self._report(f"{model}: the shadow file names version {wanted}, {why}; no shadow")
+            if current is not None and unload_missing:
+                self.drop_shadow(model)
+        elif new and self._failed.get(entry.key) != entry.signature:  # not refused as is
             await self.load_shadow(entry)
 
     async def load_shadow(self, entry: VersionEntry) -> bool:
