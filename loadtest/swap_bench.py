@@ -5,8 +5,9 @@ Rounds alternate a *steady* closed loop with a *swap* closed loop of the same le
 which a new version is dropped into the repository every ``--swap-every`` seconds, alternating a
 profile-only update (same weights, another threshold) and new weights (the demo's weights with
 one value nudged, so their sha256 differs and they are read again). The server's resident memory
-is sampled throughout (and CUDA memory through ``/metrics`` on a GPU). It reports, side by side:
-requests/s, p50/p99, non-200 answers, swaps completed and peak RSS.
+is sampled throughout (and, with ``device=cuda``, the CUDA memory allocated, from ``/metrics``
+every 0.25 s). It reports, side by side: requests/s, p50/p99, non-200 answers, swaps completed,
+peak RSS (and peak device memory).
 
     python loadtest/swap_bench.py --out swap-out --duration 8 --rounds 2
 
@@ -77,6 +78,18 @@ async def _sample_rss(pid: int, stop: asyncio.Event, out: list[float]) -> None:
             await asyncio.wait_for(stop.wait(), 0.1)
 
 
+async def _sample_device(client: httpx.AsyncClient, stop: asyncio.Event, out: list[float]) -> None:
+    """CUDA memory allocated, from the server's /metrics (largest per-device value: every
+    loaded version reports the same devices)."""
+    pattern = re.compile(r"^nacguard_device_memory_allocated_bytes\{[^}]*\} (\S+)$", re.M)
+    while not stop.is_set():
+        values = [float(v) for v in pattern.findall((await client.get("/metrics")).text)]
+        if values:
+            out.append(max(values) / 2**20)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+
+
 def _counter(text: str, name: str) -> float:
     match = re.search(rf'^{name}\{{model="{MODEL}"\}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
@@ -84,12 +97,17 @@ def _counter(text: str, name: str) -> float:
 
 async def _phase(
     url: str, pid: int, payloads: list[Any], duration: float, swap: bool, state: dict[str, Any]
-) -> tuple[RunResult, float, float]:
-    """One closed-loop phase; with ``swap``, drop versions while it runs."""
+) -> tuple[RunResult, float, float, float | None]:
+    """One closed-loop phase; with ``swap``, drop versions while it runs. Returns the run,
+    the swaps made, the peak RSS and (on CUDA) the peak device memory allocated, in MB."""
     stop = asyncio.Event()
     rss: list[float] = []
+    device: list[float] = []
     sampler = asyncio.create_task(_sample_rss(pid, stop, rss))
     async with httpx.AsyncClient(base_url=url) as client:
+        samplers = [sampler]
+        if state["cuda"]:
+            samplers.append(asyncio.create_task(_sample_device(client, stop, device)))
         before = _counter((await client.get("/metrics")).text, "nacguard_model_swaps_total")
 
         async def dropper() -> None:
@@ -119,9 +137,9 @@ async def _phase(
         if drops is not None:
             await drops
         after = _counter((await client.get("/metrics")).text, "nacguard_model_swaps_total")
-    stop.set()
-    await sampler
-    return run, after - before, max(rss) if rss else float("nan")
+        stop.set()
+        await asyncio.gather(*samplers)
+    return run, after - before, max(rss) if rss else float("nan"), max(device, default=None)
 
 
 async def _bench(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
@@ -139,20 +157,24 @@ async def _bench(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
         "workers": args.workers,
     }
     server = start_server(None, settings, log_path=args.log_dir / "swap-server.log")
-    state = {"repo": repo, "source": source, "next": 1, "every": args.swap_every}
+    on_cuda = str(settings.get("device", "cpu")).startswith("cuda")
+    state = {"repo": repo, "source": source, "next": 1, "every": args.swap_every, "cuda": on_cuda}
     payloads = build_payloads(256, seed=3)
     results: dict[str, list[RunResult]] = {"steady": [], "swap": []}
     swaps, peaks = {"steady": 0.0, "swap": 0.0}, {"steady": 0.0, "swap": 0.0}
+    device_peaks: dict[str, float | None] = {"steady": None, "swap": None}
     try:
         pid = server.process.pid
         for _ in range(args.rounds):
             for phase in ("steady", "swap"):
-                run, done, peak = await _phase(
+                run, done, peak, device = await _phase(
                     server.url, pid, payloads, args.duration, phase == "swap", state
                 )
                 results[phase].append(run)
                 swaps[phase] += done
                 peaks[phase] = max(peaks[phase], peak)
+                if device is not None:
+                    device_peaks[phase] = max(device_peaks[phase] or 0.0, device)
         async with httpx.AsyncClient(base_url=server.url) as client:
             text = (await client.get("/metrics")).text
         weight_loads = _counter(text, "nacguard_model_weight_loads_total")
@@ -182,6 +204,7 @@ async def _bench(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
                 "status_codes": r.status_codes,
                 "swaps": swaps[k],
                 "peak_rss_mb": peaks[k],
+                "peak_device_allocated_mb": device_peaks[k],  # None: not on CUDA
             }
             for k, r in merged.items()
         },
@@ -243,14 +266,19 @@ def swap_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_swap_markdown(report: dict[str, Any]) -> str:
     """The phases side by side, and the ratios."""
+    phases = report["phases"]
+    cuda = any(p.get("peak_device_allocated_mb") is not None for p in phases.values())
     lines = [
-        "| phase | req/s | p50 ms | p99 ms | non-200 | swaps | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| phase | req/s | p50 ms | p99 ms | non-200 | swaps | peak RSS MB |"
+        + (" peak CUDA allocated MB |" if cuda else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
-    for name, p in report["phases"].items():
+    for name, p in phases.items():
+        device = p.get("peak_device_allocated_mb")
         lines.append(
             f"| {name} | {p['requests_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
             f"{p['non_200']} | {p['swaps']:.0f} | {p['peak_rss_mb']:.0f} |"
+            + ((f" {device:.0f} |" if device is not None else " - |") if cuda else "")
         )
     r = report["ratios"]
     lines.append(
