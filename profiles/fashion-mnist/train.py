@@ -5,9 +5,12 @@ longer when they are shared)::
 
     python profiles/fashion-mnist/train.py [--epochs 30] [--seed 0] [--out-dir DIR]
 
-Only the TRAIN split is used for fitting and model selection: a seeded permutation holds out its
-last 5,000 images as a validation set, and the checkpoint with the best validation accuracy is
-kept. The TEST split is evaluated exactly once, at the end, for the report in ``training.json``;
+Only the TRAIN split is used for fitting and model selection, split three ways by one seeded
+permutation (:func:`fashion_mnist_calibration_split`): the model is fitted on the 45,000-image
+core (``fashion-mnist:train-core``); the checkpoint with the best accuracy on the 5,000-image
+hold-out (``train-holdout``) is kept; the 10,000-image calibration part (``train-calibration``)
+is not read here at all, so the profile's calibration scores are exchangeable with fresh
+images (nothing was chosen on them). The TEST split is evaluated exactly once, at the end, for the report in ``training.json``;
 it never influences any choice. Writes ``model.safetensors`` (the state dict) and
 ``training.json`` (config, normalisation, schedule, accuracies, versions, wall time) next to
 this script unless ``--out-dir`` says otherwise.
@@ -36,8 +39,9 @@ from torch import nn
 
 from nacguard.bundle.refs.demo import DEMO_ARCHITECTURE, FashionCNN, demo_config
 from nacguard.offline.datasets import (
+    FASHION_MNIST_CALIBRATION,
     FASHION_MNIST_HOLDOUT,
-    fashion_mnist_holdout_split,
+    fashion_mnist_calibration_split,
     load_fashion_mnist,
 )
 
@@ -100,9 +104,11 @@ def main() -> None:
     started = time.perf_counter()
 
     images_np, labels_np = load_fashion_mnist("train")
-    # The same split that `fashion-mnist:train-fit` / `train-holdout` name, so the profile is
-    # calibrated and tuned on exactly the images this model never trained on.
-    fit_idx, val_idx = fashion_mnist_holdout_split(images_np.shape[0], args.seed, VAL_SIZE)
+    # The same split that `fashion-mnist:train-core` / `train-holdout` / `train-calibration`
+    # name: tuned on the hold-out, calibrated on the calibration part, never trained on either.
+    fit_idx, val_idx, _cal_idx = fashion_mnist_calibration_split(
+        images_np.shape[0], args.seed, VAL_SIZE, FASHION_MNIST_CALIBRATION
+    )
     fit_x = torch.from_numpy(images_np[fit_idx].copy())
     fit_y = torch.from_numpy(labels_np[fit_idx].copy())
     val_x = torch.from_numpy(images_np[val_idx].copy())
@@ -195,8 +201,13 @@ def main() -> None:
         "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "data": {
             "dataset": "fashion-mnist",
-            "fit": f"train split minus {VAL_SIZE} held-out images ({len(fit_x)} images)",
-            "validation": f"{VAL_SIZE} train-split images (seeded permutation, seed {args.seed})",
+            "split": f"fashion_mnist_calibration_split(seed={args.seed}): one permutation of the "
+            "train split, three disjoint parts",
+            "fit": f"fashion-mnist:train-core ({len(fit_x)} train-split images)",
+            "validation": f"fashion-mnist:train-holdout ({VAL_SIZE} train-split images): "
+            "checkpoint selection, later NAC tuning",
+            "calibration": f"fashion-mnist:train-calibration ({FASHION_MNIST_CALIBRATION} "
+            "train-split images): not read by training or tuning, only by calibration",
             "test": "test split, evaluated once after training",
         },
         "preprocessing": {

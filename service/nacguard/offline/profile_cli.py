@@ -169,12 +169,15 @@ def _cmd_profile_tune(args: argparse.Namespace) -> int:
         result.info["calibration"] = (
             f"{calibration.name}: {cal_samples} images, used for nothing else"
         )
+    split = {"validation_data": val_name}
+    if calibration is not None:
+        split["calibration_data"] = calibration.name
     out = Path(args.out)
     plan = BuildPlan(
         name=args.name or out.name, model_ref=setup.ref, preprocess=setup.preprocess,
         classes=classes, layers=result.layers, samples=args.samples,
         calibration_samples=cal_samples, tpr=args.tpr, seed=args.seed,
-        batch_size=args.batch_size, provenance={"tuning": "tuning.json"},
+        batch_size=args.batch_size, provenance={"tuning": "tuning.json", **split},
     )  # fmt: skip
     copy_artifacts(setup, out)
     build_bundle(plan, setup.model, source, out, calibration_source=calibration or validation,
