@@ -10,6 +10,7 @@ every other round)::
     python loadtest/versus.py --against b070289 --out versus-out
     python loadtest/versus.py --against HEAD~5 --set max_batch_size=1 --rounds 6
     python loadtest/versus.py --older-set gil_switch_interval_ms=5 --set gil_switch_interval_ms=1
+    python loadtest/versus.py --against b070289 --older-profile   # the code alone, one bundle
 
 Without ``--against`` both servers run this tree, and ``--older-set`` gives the second one
 its own settings (on top of ``--set``): a side-by-side run of one setting.
@@ -79,6 +80,8 @@ def run_versus(
     *,
     overrides: Mapping[str, object],
     older_overrides: Mapping[str, object],
+    profile: Path | None = None,
+    older_profile: bool = False,
     rounds: int,
     duration_s: float,
     concurrency: int,
@@ -92,10 +95,13 @@ def run_versus(
     runs: dict[str, list[RunResult]] = {"this": [], "older": []}
     checkout = _checkout(against) if against else contextlib.nullcontext(ROOT)
     with checkout as older:
+        if older_profile:  # the code is compared, not the bundled profiles
+            profile = older / "profiles" / "fashion-mnist"
         servers: dict[str, RunningServer] = {}
         try:
             for name, source in (("this", ROOT), ("older", older)):
                 servers[name] = start_server(
+                    profile,
                     overrides=settings if name == "this" else older_settings,
                     log_path=log_dir / f"versus-{name}.log",
                     own_session=True,
@@ -135,6 +141,13 @@ def run_versus(
         "commits": commits,
         "settings": settings,
         "older_settings": older_settings,
+        "profile": (
+            "the older tree's demo profile for both"
+            if older_profile
+            else str(profile)
+            if profile
+            else "each tree's demo profile"
+        ),
         "plan": {"rounds": rounds, "duration_s": duration_s, "concurrency": concurrency},
         "load_average_at_end": list(os.getloadavg()),
         "results": {name: r.to_dict() for name, r in merged.items()},
@@ -154,7 +167,8 @@ def render(report: Mapping[str, Any]) -> str:
     lines = [
         f"This tree ({c['this']}) against {c['older']}: closed loop, "
         f"{report['plan']['concurrency']} clients, {report['plan']['rounds']} interleaved rounds "
-        f"of {report['plan']['duration_s']:g} s; settings {s}{others}.",
+        f"of {report['plan']['duration_s']:g} s; profile {report['profile']}; "
+        f"settings {s}{others}.",
         "",
         "| tree | commit | images/s | p50 ms | p99 ms | server CPU ms/req | errors |",
         "|---|---|---|---|---|---|---|",
@@ -179,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--against", help="the older commit (any git revision; default: this tree)")
     p.add_argument("--out", type=Path, default=Path("versus-out"), help="output folder")
+    p.add_argument(
+        "--profile", type=Path,
+        help="one bundle for both servers (default: each tree's own demo profile)",
+    )  # fmt: skip
+    p.add_argument(
+        "--older-profile", action="store_true",
+        help="both servers serve the older tree's demo profile (compares the code alone)",
+    )  # fmt: skip
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (4)")
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per run (4)")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (32)")
@@ -205,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         args.against,
         overrides=overrides,
         older_overrides=older_overrides,
+        profile=args.profile,
+        older_profile=args.older_profile,
         rounds=args.rounds,
         duration_s=args.duration,
         concurrency=args.concurrency,
