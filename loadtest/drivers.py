@@ -47,6 +47,7 @@ __all__ = [
     "merge_runs",
     "open_loop",
     "process_cpu_seconds",
+    "process_tree",
     "scrape_batch_histogram",
 ]
 
@@ -233,6 +234,11 @@ def _children(pid: int) -> list[int]:
     except OSError:
         pass
     return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a supervisor and its workers), parents first."""
+    return [pid, *(p for child in _children(pid) for p in process_tree(child))]
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
-from loadtest.drivers import HttpConnection, RunResult, closed_loop, merge_runs
+from loadtest.drivers import HttpConnection, RunResult, closed_loop, merge_runs, process_tree
 from loadtest.nac_bench import LAYERS_4
 from loadtest.photos import PHOTO_SIZES, photo_jpegs
 from loadtest.workload import Payload
@@ -259,16 +259,19 @@ async def _burst(url: str, body: bytes, uploads: int) -> dict[str, int]:
 
 
 def peak_rss(server: RunningServer, body: bytes, uploads: int) -> dict[str, Any]:
-    """Resting RSS, then the peak while ``uploads`` copies of ``body`` are sent at once."""
-    pid = server.process.pid
-    resting = _rss_kib(pid)["VmRSS"]
+    """Resting RSS, then the peak while ``uploads`` copies of ``body`` are sent at once, summed
+    over the server's processes (with workers: the supervisor and every worker; each one's
+    peak, so the sum bounds what they held at once from above)."""
+    pids = process_tree(server.process.pid)
+    resting = sum(_rss_kib(pid)["VmRSS"] for pid in pids)
     reset = True
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-    except OSError:
-        reset = False
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        except OSError:
+            reset = False
     codes = asyncio.run(_burst(server.url, body, uploads))
-    peak = _rss_kib(pid)["VmHWM"]
+    peak = sum(_rss_kib(pid)["VmHWM"] for pid in pids)
     return {
         "uploads": uploads,
         "upload_bytes": len(body),
@@ -302,7 +305,16 @@ def run_photos(
     inproc_nac = InProcessNac(scaled_dir, jpegs, plan.inproc_batch)
     # 32 concurrent 12 MP uploads decoded fully take longer than the default 10 s deadline on
     # two cores; the memory measurement wants them all computed, not answered 504.
-    settings = {**BENCH_DEFAULTS, "request_timeout_s": "120", **extra}
+    # The server as it runs by default on this machine's CPU: one worker per core with one
+    # torch thread each, so it has the cores the in-process bound has (BENCH_DEFAULTS keeps
+    # one process for the other comparisons).
+    settings = {
+        **BENCH_DEFAULTS,
+        "workers": str(cores),
+        "torch_threads": "1",
+        "request_timeout_s": "120",
+        **extra,
+    }
     payloads = _payloads(jpegs)
     runs: dict[str, list[RunResult]] = {"scaled": [], "full": []}
     # In-process NAC on all the cores and on one: on a shared machine an OpenMP team of

@@ -301,6 +301,8 @@ async def load_version(
             metrics,
             drift_bins=drift.reference.n_bins,
             drift_key=f"{entry.model}/{entry.version}/primary",
+            model=entry.model,
+            version=entry.version,
         )
         await store.start()
         drift.attach(store.drift)

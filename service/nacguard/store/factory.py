@@ -99,6 +99,8 @@ def make_store(
     drift_bins: int | None = None,
     health_interval_s: float = 1.0,
     drift_key: str = "",
+    model: str = "",
+    version: int = 0,
 ) -> Store:
     """Build the store the settings ask for.
 
@@ -121,6 +123,7 @@ def make_store(
         drift_key: which of the process's drift windows this is (the model repository's
             ``model/version/role``), so the workers' shared windows of different versions
             stay apart (without Redis; with Redis ``profile_id`` keys the window).
+        model, version: the served version, written into every review record.
 
     Returns:
         The store; call ``await store.start()`` before use.
@@ -146,6 +149,8 @@ def make_store(
                 max_image_bytes=settings.review_max_image_bytes,
                 profile=profile_id,
                 metrics=metrics,
+                model=model,
+                version=version,
             ),
             drift=RedisDriftWindow(
                 link, profile_id, window_s=settings.drift_window_s, n_bins=drift_bins
@@ -165,6 +170,8 @@ def make_store(
             max_image_bytes=settings.review_max_image_bytes,
             profile=profile_id,
             metrics=metrics,
+            model=model,
+            version=version,
         )
         if settings.review_dir is not None
         else NullReviewSink()

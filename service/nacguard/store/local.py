@@ -203,6 +203,7 @@ class LocalReviewDir:
         max_image_bytes: images larger than this keep only their metadata.
         profile: profile identity written into each record.
         metrics: ``review_appended`` per record written.
+        model, version: the served version written into each record.
     """
 
     enabled = True
@@ -215,8 +216,11 @@ class LocalReviewDir:
         max_image_bytes: int,
         profile: str,
         metrics: StoreMetrics | None = None,
+        model: str = "",
+        version: int = 0,
     ) -> None:
         self._dir = Path(directory)
+        self._model, self._version = model, version
         self._max_records = max_records
         self._max_image_bytes = max_image_bytes
         self._profile = profile
@@ -254,7 +258,14 @@ class LocalReviewDir:
                 if record.image is not None and size <= self._max_image_bytes:
                     image_file = f"{stem}.{image_extension(record.content_type)}"
                     (self._dir / image_file).write_bytes(record.image)
-                entry = ReviewEntry(id=stem, profile=self._profile, record=record, image_size=size)
+                entry = ReviewEntry(
+                    id=stem,
+                    profile=self._profile,
+                    record=record,
+                    image_size=size,
+                    model=self._model,
+                    version=self._version,
+                )
                 # JSON last: a record whose metadata exists is complete.
                 (self._dir / f"{stem}.json").write_text(json.dumps(entry.row(image_file)))
                 self._stems.append(stem)

@@ -42,6 +42,8 @@ INDEX_COLUMNS = (
     "id",
     "request_id",
     "profile",
+    "model",
+    "version",
     "label",
     "class_index",
     "score",
@@ -67,13 +69,18 @@ def safe_name(text: str, limit: int = 64) -> str:
     return _UNSAFE.sub("_", text)[:limit].strip("._") or "x"
 
 
-def stream_fields(record: ReviewRecord, profile: str, max_image_bytes: int) -> dict[str, Any]:
+def stream_fields(
+    record: ReviewRecord, profile: str, max_image_bytes: int, *, model: str = "", version: int = 0
+) -> dict[str, Any]:
     """The fields of one stream entry. ``image`` is present only when the bytes are known and
-    within ``max_image_bytes``; ``image_size`` always gives the original size (0 = unknown)."""
+    within ``max_image_bytes``; ``image_size`` always gives the original size (0 = unknown);
+    ``model`` and ``version`` name the served version that scored it (the model repository's)."""
     size = len(record.image) if record.image is not None else 0
     fields: dict[str, Any] = {
         "request_id": record.request_id,
         "profile": profile,
+        "model": model,
+        "version": version,
         "label": record.label,
         "class_index": record.class_index,
         # repr keeps every bit of a float; str() of a numpy float would too, but not of all.
@@ -97,12 +104,16 @@ class ReviewEntry:
         profile: identity of the profile that scored the image.
         record: the record; ``record.image`` is ``None`` where the bytes were not kept.
         image_size: size of the original image in bytes (0 = unknown).
+        model: the model that scored it (empty in records from before the model repository).
+        version: that model's version (0 when unknown).
     """
 
     id: str
     profile: str
     record: ReviewRecord
     image_size: int
+    model: str = ""
+    version: int = 0
 
     def row(self, image_file: str | None) -> dict[str, Any]:
         """The index row for this entry (``image_file`` relative to the index, or ``None``)."""
@@ -111,6 +122,8 @@ class ReviewEntry:
             "id": self.id,
             "request_id": rec.request_id,
             "profile": self.profile,
+            "model": self.model,
+            "version": self.version,
             "label": rec.label,
             "class_index": rec.class_index,
             "score": rec.score,
@@ -165,6 +178,8 @@ def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Revi
         profile=_text(fields, "profile"),
         record=record,
         image_size=integer("image_size", 0),
+        model=_text(fields, "model"),
+        version=integer("version", 0),
     )
 
 
@@ -199,6 +214,8 @@ def entry_from_row(row: dict[str, Any], image: bytes | None) -> ReviewEntry:
         profile=str(row.get("profile", "")),
         record=record,
         image_size=integer("image_size", 0),
+        model=str(row.get("model") or ""),
+        version=integer("version", 0),
     )
 
 

@@ -149,8 +149,11 @@ class RedisReviewSink:
         max_image_bytes: int,
         profile: str,
         metrics: StoreMetrics | None = None,
+        model: str = "",
+        version: int = 0,
     ) -> None:
         self._link = link
+        self._model, self._version = model, version
         self._stream = stream
         self._maxlen = maxlen
         self._max_image_bytes = max_image_bytes
@@ -159,7 +162,9 @@ class RedisReviewSink:
 
     async def append(self, record: ReviewRecord) -> None:
         """Append one record; dropped (counted as a Redis error) if Redis is unavailable."""
-        fields = stream_fields(record, self._profile, self._max_image_bytes)
+        fields = stream_fields(
+            record, self._profile, self._max_image_bytes, model=self._model, version=self._version
+        )
 
         async def add(client: Redis) -> bool:
             await client.xadd(

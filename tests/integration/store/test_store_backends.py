@@ -37,9 +37,11 @@ class Harness:
     async def sibling(
         self, profile_id: str, metrics: RecordingMetrics | None = None, **overrides: Any
     ) -> Store:
-        """Another store on the same backend (same Redis, when there is one)."""
+        """Another store on the same backend (same Redis, when there is one); ``model`` and
+        ``version`` among ``overrides`` go to the store, the rest to its settings."""
+        model, version = overrides.pop("model", ""), overrides.pop("version", 0)
         settings = self.settings.model_copy(update=overrides)
-        store = make_store(settings, profile_id, metrics)
+        store = make_store(settings, profile_id, metrics, model=model, version=version)
         await store.start()
         self.others.append(store)
         return store
@@ -195,6 +197,15 @@ async def test_review_records_every_field_and_caps_image_bytes(harness: Harness)
         assert row["content_type"] == "image/png"
         assert row["image_size"] == size
     assert harness.metrics.reviews == 2
+
+
+async def test_review_records_name_the_served_model_and_version(harness: Harness) -> None:
+    # The model repository's stores: each served version writes its name into its records.
+    shoes = await harness.sibling(PROFILE, model="shoes", version=3)
+    await harness.store.review.append(_record(1))
+    await shoes.review.append(_record(2))
+    rows = {row["request_id"]: row for row, _ in harness.reviewed()}
+    assert [(r["model"], r["version"]) for _, r in sorted(rows.items())] == [("", 0), ("shoes", 3)]
 
 
 async def test_review_is_bounded_and_keeps_the_newest(harness: Harness) -> None:
