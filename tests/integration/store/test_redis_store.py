@@ -123,6 +123,8 @@ async def test_stream_entry_fields(store: Store, redis_server: RedisServer) -> N
     assert small == {
         b"request_id": b"req-1",
         b"profile": PROFILE.encode(),
+        b"model": b"",  # a store made without the model repository's names
+        b"version": b"0",
         b"label": b"Sandal",
         b"class_index": b"5",
         b"score": b"0.25",

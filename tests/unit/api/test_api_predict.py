@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -194,11 +195,17 @@ async def test_review_dir_receives_flagged_images(make_api: ApiFactory, tmp_path
             files=multipart(images),
             headers={"X-Request-ID": "review-req"},
         )
-    flagged = sum(p["ood"] for p in r.json()["predictions"])
+    answer = r.json()
+    flagged = sum(p["ood"] for p in answer["predictions"])
     assert flagged > 0
     records = sorted((tmp_path / "review").glob("*.json"))
     assert len(records) == flagged
     assert all("review-req" in path.name for path in records)
+    # Each record names the served model and version (the model repository's addressing).
+    rows = [json.loads(path.read_text()) for path in records]
+    assert {(row["model"], row["version"]) for row in rows} == {
+        (answer["model"], answer["version"])
+    }
     assert len(list((tmp_path / "review").glob("*.png"))) == flagged
 
 
