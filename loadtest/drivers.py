@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
@@ -44,6 +45,7 @@ __all__ = [
     "Reply",
     "RunResult",
     "closed_loop",
+    "interleaved_rounds",
     "merge_runs",
     "open_loop",
     "process_cpu_seconds",
@@ -51,6 +53,8 @@ __all__ = [
     "scrape_batch_histogram",
 ]
 
+
+log = logging.getLogger("nacguard.bench.drivers")
 
 #: A connection idle for longer is replaced rather than reused: servers close idle keep-alive
 #: connections (uvicorn after 5 s), and a request written into one that is being closed fails.
@@ -627,6 +631,44 @@ async def closed_loop(
         target_rps=0.0,
         duration_s=duration_s,
     )
+
+
+def interleaved_rounds(
+    servers: Mapping[str, tuple[str, int]],
+    payloads: Sequence[Payload],
+    *,
+    rounds: int,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
+) -> dict[str, list[RunResult]]:
+    """Closed loops on several servers in interleaved rounds, the order reversed every other
+    round, so whatever else runs on the machine hits all of them alike.
+
+    Args:
+        servers: name -> (base URL, process id whose tree's CPU is measured).
+        payloads: the request bodies every server gets.
+        rounds, concurrency, duration_s, warmup_s: as :func:`closed_loop`, per run.
+
+    Returns:
+        ``{name: [one RunResult per round]}`` (pool them with :func:`merge_runs`).
+    """
+    names = list(servers)
+    runs: dict[str, list[RunResult]] = {name: [] for name in names}
+    for rnd in range(rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            url, pid = servers[name]
+            result = asyncio.run(
+                closed_loop(url, payloads, label=name, concurrency=concurrency,
+                            duration_s=duration_s, warmup_s=warmup_s, server_pid=pid)
+            )  # fmt: skip
+            log.info(
+                "round %d %-8s %8.1f images/s  p99 %6.1f ms  cpu %.3f ms/req  %s",
+                rnd + 1, name, result.images_per_s, result.p99_ms,
+                result.server_cpu_ms_per_request, result.status_codes,
+            )  # fmt: skip
+            runs[name].append(result)
+    return runs
 
 
 async def open_loop(

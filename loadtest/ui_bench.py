@@ -16,8 +16,8 @@ within the spread between rounds of one configuration is "nothing measurable".
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import logging
 import statistics
 import sys
 from collections.abc import Sequence
@@ -28,7 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest.batching_bench import BENCH_DEFAULTS, start_server
-from loadtest.drivers import RunResult, closed_loop, merge_runs
+from loadtest.drivers import interleaved_rounds, merge_runs
 from loadtest.workload import build_payloads
 
 CONFIGS = {"ui on": {"ui_enabled": "true"}, "ui off": {"ui_enabled": "false"}}
@@ -38,31 +38,14 @@ def run(rounds: int, duration_s: float, concurrency: int) -> dict[str, Any]:
     """Run the comparison and return every round and the pooled results."""
     payloads = build_payloads(1024, ood_fraction=0.2, seed=0)
     servers = {name: start_server(None, {**BENCH_DEFAULTS, **cfg}) for name, cfg in CONFIGS.items()}
-    runs: dict[str, list[RunResult]] = {name: [] for name in CONFIGS}
     try:
-        names = list(CONFIGS)
-        for rnd in range(rounds):
-            for name in names if rnd % 2 == 0 else names[::-1]:
-                server = servers[name]
-                result = asyncio.run(
-                    closed_loop(
-                        server.url,
-                        payloads,
-                        label=name,
-                        concurrency=concurrency,
-                        duration_s=duration_s,
-                        warmup_s=1.0,
-                        server_pid=server.process.pid,
-                    )
-                )
-                print(
-                    f"round {rnd + 1} {name:7s} {result.images_per_s:8.1f} images/s "
-                    f"p99 {result.p99_ms:6.1f} ms "
-                    f"cpu {result.server_cpu_ms_per_request:.3f} ms/req "
-                    f"codes {dict(result.status_codes)}",
-                    flush=True,
-                )
-                runs[name].append(result)
+        runs = interleaved_rounds(
+            {name: (s.url, s.process.pid) for name, s in servers.items()},
+            payloads,
+            rounds=rounds,
+            concurrency=concurrency,
+            duration_s=duration_s,
+        )
     finally:
         for server in servers.values():
             server.stop()
@@ -99,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the per-round lines
     report = run(args.rounds, args.duration, args.concurrency)
     print(
         "\n| configuration | images/s | p50 ms | p99 ms | server CPU ms/req | errors "

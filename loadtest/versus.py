@@ -24,7 +24,6 @@ ignore, result cache off, warning-level logs, one torch thread on 2 cores) plus 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -41,10 +40,8 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
 
 from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
 from loadtest.bench import _clean
-from loadtest.drivers import RunResult, closed_loop, merge_runs
+from loadtest.drivers import interleaved_rounds, merge_runs
 from loadtest.workload import build_payloads
-
-log = logging.getLogger("nacguard.bench.versus")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +89,6 @@ def run_versus(
     settings.update({k: str(v) for k, v in overrides.items()})
     older_settings = {**settings, **{k: str(v) for k, v in older_overrides.items()}}
     payloads = build_payloads(1024, seed=0)
-    runs: dict[str, list[RunResult]] = {"this": [], "older": []}
     checkout = _checkout(against) if against else contextlib.nullcontext(ROOT)
     with checkout as older:
         if older_profile:  # the code is compared, not the bundled profiles
@@ -107,30 +103,13 @@ def run_versus(
                     own_session=True,
                     source=source,
                 )
-            for rnd in range(rounds):
-                order = ["this", "older"] if rnd % 2 == 0 else ["older", "this"]
-                for name in order:
-                    s = servers[name]
-                    result = asyncio.run(
-                        closed_loop(
-                            s.url,
-                            payloads,
-                            label=name,
-                            concurrency=concurrency,
-                            duration_s=duration_s,
-                            warmup_s=1.0,
-                            server_pid=s.process.pid,
-                        )
-                    )
-                    log.info(
-                        "round %d %-5s %7.1f img/s  cpu %.3f ms/req  %s",
-                        rnd + 1,
-                        name,
-                        result.images_per_s,
-                        result.server_cpu_ms_per_request,
-                        result.status_codes,
-                    )
-                    runs[name].append(result)
+            runs = interleaved_rounds(
+                {name: (s.url, s.process.pid) for name, s in servers.items()},
+                payloads,
+                rounds=rounds,
+                concurrency=concurrency,
+                duration_s=duration_s,
+            )
         finally:
             for server in servers.values():
                 server.stop()
