@@ -9,7 +9,7 @@ every other round)::
 
     python loadtest/versus.py --against b070289 --out versus-out
     python loadtest/versus.py --against HEAD~5 --set max_batch_size=1 --rounds 6
-    python loadtest/versus.py --older-set gil_switch_interval_ms=5 --set gil_switch_interval_ms=1
+    python loadtest/versus.py --older-set batch_wait=fixed
     python loadtest/versus.py --against b070289 --older-profile   # the code alone, one bundle
 
 Without ``--against`` both servers run this tree, and ``--older-set`` gives the second one

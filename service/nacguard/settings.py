@@ -134,17 +134,6 @@ class Settings(BaseSettings):
         description="torch intra-op threads per worker; 0 = torch's default with one worker, "
         "and the cores shared out (at least 1 each) with several.",
     )
-    gil_switch_interval_ms: float = Field(
-        1.0,
-        gt=0,
-        le=100,
-        description="How long a Python thread may keep the GIL while another waits for it "
-        "(sys.setswitchinterval; Python's default is 5 ms). The model runs on its own thread "
-        "and takes the GIL back after every torch op; next to a busy event loop each take can "
-        "wait this long, so a batch of many small ops slows down several times (demo model, "
-        "32 clients: 1 ms served 1.28x the images/s of 5 ms, 0.2 ms no more than 1 ms; "
-        "loadtest/versus.py). Lower: faster batches under load, more thread switches.",
-    )
     workers: int = Field(
         0,
         ge=0,

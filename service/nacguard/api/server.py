@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import time
 from types import FrameType
 
@@ -147,7 +146,6 @@ class DrainingServer(uvicorn.Server):
 
 def build_server(settings: Settings) -> DrainingServer:
     """The app and its draining uvicorn server for ``settings`` (not started)."""
-    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
