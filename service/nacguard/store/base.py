@@ -31,6 +31,7 @@ __all__ = [
     "ReviewRecord",
     "ReviewSink",
     "StoreMetrics",
+    "SyncDriftWindow",
     "WindowCounts",
     "add_counts",
     "cache_key",
@@ -177,6 +178,31 @@ class DriftWindow(Protocol):
     async def read(self, now: float) -> WindowCounts:
         """Like :meth:`window`, also saying whether the counts are fleet-wide or local."""
         ...
+
+
+class SyncDriftWindow:
+    """A drift window kept in this process: the asynchronous :class:`DriftWindow` interface
+    over the synchronous ``record`` and ``counts`` a subclass defines (scoped ``local``)."""
+
+    def record(self, bin_counts: np.ndarray, now: float) -> None:
+        """Add one batch's bin counts at ``now`` (unix seconds)."""
+        raise NotImplementedError
+
+    def counts(self, now: float) -> np.ndarray:
+        """The bin counts over the window ending at ``now``."""
+        raise NotImplementedError
+
+    async def add(self, bin_counts: np.ndarray, now: float) -> None:
+        """Asynchronous :meth:`record`."""
+        self.record(bin_counts, now)
+
+    async def window(self, now: float) -> np.ndarray:
+        """Asynchronous :meth:`counts`."""
+        return self.counts(now)
+
+    async def read(self, now: float) -> WindowCounts:
+        """The window, scoped ``local`` (this process, or with workers this replica)."""
+        return WindowCounts(self.counts(now), "local")
 
 
 def encode_cache_value(value: dict) -> str | None:

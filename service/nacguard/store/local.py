@@ -23,7 +23,7 @@ from nacguard.store.base import (
     NullMetrics,
     ReviewRecord,
     StoreMetrics,
-    WindowCounts,
+    SyncDriftWindow,
     add_counts,
     drift_bucket,
     drift_buckets_in_window,
@@ -136,7 +136,7 @@ class LocalResultCache:
             self._entries.popitem(last=False)
 
 
-class LocalDriftWindow:
+class LocalDriftWindow(SyncDriftWindow):
     """Score-bin counts in a ring of time buckets, summed over a sliding window.
 
     Args:
@@ -175,18 +175,6 @@ class LocalDriftWindow:
             if found is not None:
                 total = add_counts(total, found)
         return total
-
-    async def add(self, bin_counts: np.ndarray, now: float) -> None:
-        """Add one batch's bin counts at ``now`` (unix seconds)."""
-        self.record(bin_counts, now)
-
-    async def window(self, now: float) -> np.ndarray:
-        """This process's bin counts over the window ending at ``now``."""
-        return self.counts(now)
-
-    async def read(self, now: float) -> WindowCounts:
-        """The window, scoped ``local``."""
-        return WindowCounts(self.counts(now), "local")
 
 
 class LocalReviewDir:

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nacguard.store.base import DRIFT_BUCKET_S, WindowCounts, drift_bucket, drift_buckets_in_window
+from nacguard.store.base import (
+    DRIFT_BUCKET_S,
+    SyncDriftWindow,
+    drift_bucket,
+    drift_buckets_in_window,
+)
 
 __all__ = ["WorkerDriftWindow"]
 
@@ -37,7 +42,7 @@ def _alive(path: Path) -> bool:
     return True
 
 
-class WorkerDriftWindow:
+class WorkerDriftWindow(SyncDriftWindow):
     """Score-bin counts of every worker of this replica, summed over a sliding window.
 
     Args:
@@ -122,18 +127,6 @@ class WorkerDriftWindow:
                 with contextlib.suppress(OSError):
                     path.unlink()
         return total
-
-    async def add(self, bin_counts: np.ndarray, now: float) -> None:
-        """Asynchronous :meth:`record` (the drift window interface)."""
-        self.record(bin_counts, now)
-
-    async def window(self, now: float) -> np.ndarray:
-        """The replica's bin counts over the window ending at ``now``."""
-        return self.counts(now)
-
-    async def read(self, now: float) -> WindowCounts:
-        """The replica's window, scoped ``local`` (this replica, all its workers)."""
-        return WindowCounts(self.counts(now), "local")
 
     def close(self) -> None:
         """Flush this worker's file (it stays: its counts remain the replica's until they age
