@@ -446,30 +446,13 @@ def run_bench(
             s = servers[server]
             kw.setdefault("concurrency", plan.concurrency)
             kw.setdefault("duration_s", plan.duration_s)
+            kw.update(label=key, warmup_s=plan.warmup_s, server_pid=s.process.pid)
             if payloads and isinstance(payloads[0], GrpcRequest):
-                result = asyncio.run(
-                    grpc_closed_loop(
-                        s.url,
-                        f"127.0.0.1:{grpc_port}",
-                        payloads,  # type: ignore[arg-type]
-                        label=key,
-                        warmup_s=plan.warmup_s,
-                        server_pid=s.process.pid,
-                        **kw,
-                    )
-                )
-                _log_run(result)
-                return result
-            result = asyncio.run(
-                closed_loop(
-                    s.url,
-                    payloads,  # type: ignore[arg-type]
-                    label=key,
-                    warmup_s=plan.warmup_s,
-                    server_pid=s.process.pid,
-                    **kw,
-                )
-            )
+                target = f"127.0.0.1:{grpc_port}"
+                loop = grpc_closed_loop(s.url, target, payloads, **kw)  # type: ignore[arg-type]
+            else:
+                loop = closed_loop(s.url, payloads, **kw)  # type: ignore[arg-type]
+            result = asyncio.run(loop)
             _log_run(result)
             return result
 
