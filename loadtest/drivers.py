@@ -245,17 +245,23 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *(p for child in _children(pid) for p in process_tree(child))]
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` and its live descendants (a supervisor's
-    workers; Linux ``/proc``; NaN elsewhere)."""
+def _own_cpu_seconds(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return math.nan
-    children = [process_cpu_seconds(child) for child in _children(pid)]
-    return own + sum(c for c in children if not math.isnan(c))
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its live descendants (a supervisor's
+    workers; Linux ``/proc``; NaN elsewhere)."""
+    root, *descendants = process_tree(pid)
+    own = _own_cpu_seconds(root)
+    if math.isnan(own):
+        return math.nan
+    return own + sum(c for c in map(_own_cpu_seconds, descendants) if not math.isnan(c))
 
 
 @dataclass
