@@ -57,7 +57,7 @@ class ServerProcess:
 
 
 def start_server(
-    profile: Path | None, log_path: Path, *, ready_within: float = 60.0, **settings: object
+    profile: Path | None, log_path: Path, *, ready_within: float | None = 60.0, **settings: object
 ) -> ServerProcess:
     """Start ``nacguard serve`` for ``profile`` with ``NACGUARD_*`` settings; wait until ready.
 
@@ -68,7 +68,7 @@ def start_server(
     Args:
         profile: the bundle to serve (``None``: the server's default, the demo).
         log_path: where the server's output goes.
-        ready_within: seconds to wait for ``/readyz`` to answer 200.
+        ready_within: seconds to wait for ``/readyz`` to answer 200 (``None``: return at once).
         settings: Settings fields, passed as ``NACGUARD_<NAME>`` environment variables.
 
     Raises:
@@ -89,6 +89,8 @@ def start_server(
     with log_path.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = ServerProcess(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+    if ready_within is None:
+        return server
     deadline = time.monotonic() + ready_within
     ready: set[int] = set()  # worker pids seen ready: with several workers, every one of them
     while time.monotonic() < deadline:

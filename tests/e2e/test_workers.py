@@ -179,3 +179,21 @@ async def test_a_killed_worker_is_replaced_and_sigterm_drains_every_worker(
     logs = fleet.logs()
     assert len(re.findall(r'"message": "drained", "worker": \d', logs)) == 2
     assert "supervisor exiting with status 0" in logs
+
+
+async def test_sigterm_while_the_workers_start_drains_them_and_exits_0(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """A stop that comes while the workers still import torch (a rollout that changes its mind)
+    is held by each worker until its server can drain, not fatal to it (status -15)."""
+    proc = start_server(tiny_bundle, tmp_path / "server.log", ready_within=None, workers=2)
+    try:
+        # Worker 1 has just been started: it is at most importing, far from serving.
+        await _wait_for_log(proc, r"started worker 1 \(pid \d+\)")
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0, proc.logs()[-3000:]
+    finally:
+        proc.stop()
+    logs = proc.logs()
+    assert "supervisor exiting with status 0 (workers: [0, 0])" in logs
+    assert len(re.findall(r'"message": "worker \d exiting with status 0"', logs)) == 2

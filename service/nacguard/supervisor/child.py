@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from nacguard.settings import Settings
+from nacguard.supervisor.parent import EXIT_SIGNALS
 
 __all__ = ["main"]
 
 log = logging.getLogger("nacguard.worker")
 
 _PR_SET_PDEATHSIG = 1
+#: Exit signals that arrived before the server could drain (replayed once it can).
+_held: list[int] = []
 
 
 class _WorkerField(logging.Filter):
@@ -49,6 +52,19 @@ def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _hold_exit_signals() -> None:
+    """Remember an exit signal that arrives while the worker starts, then let them through.
+
+    A worker is told to stop at any time, also while it still imports torch; dying of the
+    signal then would fail the supervisor's drain (status -15) and drop the connections queued
+    on its socket. The supervisor blocks the signals before it starts the worker (the mask is
+    inherited), so none is lost between ``exec`` and this handler.
+    """
+    for sig in EXIT_SIGNALS:
+        signal.signal(sig, lambda sig, frame: _held.append(sig))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, EXIT_SIGNALS)
 
 
 def _notify(ready_fd: int, index: int) -> None:
@@ -87,6 +103,10 @@ def run(
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         async with inner(app):
+            # Serving has started and uvicorn's handlers are in place: a signal held during
+            # the start-up drains now, like one that arrives from here on.
+            for sig in _held:
+                server.handle_exit(sig, None)
             if listen_when_ready:
                 # uvicorn starts listening after the lifespan's start-up: waiting here is what
                 # keeps a loading replacement out of the kernel's choice of sockets.
@@ -107,6 +127,7 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse the supervisor's arguments and run the worker."""
+    _hold_exit_signals()
     _die_with_parent()
     parser = argparse.ArgumentParser(prog="nacguard-worker")
     parser.add_argument("--index", type=int, required=True)

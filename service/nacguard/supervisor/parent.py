@@ -61,6 +61,8 @@ log = logging.getLogger("nacguard.supervisor")
 KILL_MARGIN_S = 10.0
 #: The accept backlog of each worker's socket (uvicorn's default).
 BACKLOG = 2048
+#: The signals that stop a worker: blocked while one starts (it unblocks them, see ``child``).
+EXIT_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def worker_plan(settings: Settings) -> list[Settings]:
@@ -215,7 +217,15 @@ class Supervisor:
             command.append("--listen-when-ready")
         # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
         # forwards it once (a worker signalled twice would skip its drain).
-        slot.process = subprocess.Popen(command, env=env, pass_fds=(fd, ready_w), process_group=0)
+        # Started with the exit signals blocked (the child unblocks them once it can hold them),
+        # so a stop that comes while it starts is drained rather than fatal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, EXIT_SIGNALS)
+        try:
+            slot.process = subprocess.Popen(
+                command, env=env, pass_fds=(fd, ready_w), process_group=0
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, EXIT_SIGNALS)
         slot.ready = False
         slot.exit_code = None
         log.info("started worker %d (pid %d)", slot.index, slot.process.pid)
@@ -240,7 +250,8 @@ class Supervisor:
                     self._handle_signal(self._signals.pop(0))
                 self._reap(ready_w)
                 if self._stopping:
-                    if all(s.process is None or s.process.poll() is not None for s in self._slots):
+                    # Reaped ones only: a worker that exits after _reap looked is seen next time.
+                    if all(s.process is None or s.exit_code is not None for s in self._slots):
                         break
                     if time.monotonic() >= self._kill_at:
                         log.error("workers still draining after %.0fs: killing them",
