@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
 from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
 from loadtest.bench import _clean
 from loadtest.drivers import interleaved_rounds, merge_runs
+from loadtest.protocols import v2_rest_payloads
 from loadtest.workload import build_payloads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +84,20 @@ def run_versus(
     duration_s: float,
     concurrency: int,
     log_dir: Path,
+    v2_model: str | None = None,
 ) -> dict[str, Any]:
-    """Run both servers in interleaved rounds; the report (JSON-able)."""
+    """Run both servers in interleaved rounds; the report (JSON-able).
+
+    With ``v2_model``, the requests are the same single raw images as Open Inference Protocol
+    REST calls to that model (binary tensor data, as ``tritonclient.http`` sends them).
+    """
     settings = dict(BENCH_DEFAULTS)  # older commits without `workers` ignore it (one process)
     settings.update({k: str(v) for k, v in overrides.items()})
     older_settings = {**settings, **{k: str(v) for k, v in older_overrides.items()}}
-    payloads = build_payloads(1024, seed=0)
+    if v2_model is None:
+        payloads = build_payloads(1024, seed=0)
+    else:
+        payloads = v2_rest_payloads(build_payloads(1024, encodings=("raw",), seed=0), v2_model)
     checkout = _checkout(against) if against else contextlib.nullcontext(ROOT)
     with checkout as older:
         if older_profile:  # the code is compared, not the bundled profiles
@@ -127,7 +136,12 @@ def run_versus(
             if profile
             else "each tree's demo profile"
         ),
-        "plan": {"rounds": rounds, "duration_s": duration_s, "concurrency": concurrency},
+        "plan": {
+            "rounds": rounds,
+            "duration_s": duration_s,
+            "concurrency": concurrency,
+            "requests": "/predict" if v2_model is None else f"/v2/models/{v2_model}/infer",
+        },
         "load_average_at_end": list(os.getloadavg()),
         "results": {name: r.to_dict() for name, r in merged.items()},
         "ratios": {
@@ -145,7 +159,8 @@ def render(report: Mapping[str, Any]) -> str:
     others = "" if o == s else f"; the older one with {o}"
     lines = [
         f"This tree ({c['this']}) against {c['older']}: closed loop, "
-        f"{report['plan']['concurrency']} clients, {report['plan']['rounds']} interleaved rounds "
+        f"{report['plan']['concurrency']} clients of {report['plan']['requests']}, "
+        f"{report['plan']['rounds']} interleaved rounds "
         f"of {report['plan']['duration_s']:g} s; profile {report['profile']}; "
         f"settings {s}{others}.",
         "",
@@ -184,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per run (4)")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (32)")
     p.add_argument(
+        "--v2-model", metavar="MODEL",
+        help="send the images as v2 REST inference calls to MODEL (default: POST /predict)",
+    )  # fmt: skip
+    p.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting"
     )
     p.add_argument(
@@ -212,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration,
         concurrency=args.concurrency,
         log_dir=args.out,
+        v2_model=args.v2_model,
     )
     (args.out / "versus.json").write_text(
         json.dumps(_clean(report), indent=1, allow_nan=False) + "\n"

@@ -19,9 +19,9 @@ from nacguard.settings import Settings
 from .admin import ADMIN_PREFIX, make_admin_router
 from .auth import ApiKeyMiddleware, ApiKeys, document_api_keys, load_api_keys
 from .errors import install_error_handler
-from .fastpath import PREDICT_PATH, PredictFastPath
+from .fastpath import LeanRoutes
 from .middleware import REQUEST_ID_HEADER, RequestContextMiddleware
-from .routes import router
+from .routes import predict, router
 from .ui import PUBLIC_PATHS, make_ui_router
 
 __all__ = ["create_app"]
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
     Middleware, outermost first: request context (id, access log, metrics, last-resort 500),
     CORS (only with ``cors_origins``; outside authentication, so preflights need no key and a
     401 still carries the CORS headers a browser needs to read it), API keys (only with keys
-    configured), the lean ``POST /predict`` path (:mod:`~nacguard.api.fastpath`).
+    configured), the lean path of the inference routes (:mod:`~nacguard.api.fastpath`).
 
     Args:
         settings: the validated settings; ``Settings()`` (environment) when omitted.
@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
     app.include_router(router)
     # Imported here: the adapter builds on this package's modules (body reading, the service),
     # which import this one's package first.
+    from nacguard.openinference.rest import model_infer, model_version_infer
     from nacguard.openinference.rest import router as v2_router
 
     app.include_router(v2_router)
@@ -119,10 +120,10 @@ def create_app(settings: Settings | None = None, *, tracing: Tracing | None = No
         app.include_router(make_ui_router(settings.max_image_pixels, auth_required=bool(keys)))
         exempt.extend(PUBLIC_PATHS)
     # add_middleware puts each new one outside the previous ones.
-    predict_route = next(
-        r for r in router.routes if isinstance(r, APIRoute) and r.path == PREDICT_PATH
-    )
-    app.add_middleware(PredictFastPath, route=predict_route)
+    hot = (predict, model_infer, model_version_infer)
+    routes = (*router.routes, *v2_router.routes)
+    lean = [r for r in routes if isinstance(r, APIRoute) and r.endpoint in hot]
+    app.add_middleware(LeanRoutes, routes=lean)
     if keys:
         app.add_middleware(
             ApiKeyMiddleware, keys=ApiKeys(keys), exempt_paths=exempt, exempt_prefix=ADMIN_PREFIX
