@@ -7,11 +7,12 @@ current CUDA device) is set there, on the first call.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -128,7 +129,7 @@ class DeviceCompute:
         """Compute one batch; results in item order."""
         shadow = self.shadow if self._scoring else None
         shadowed: list[Prediction] = []
-        with self._lock:
+        with self._locks(shadow):
             if not self._thread_ready:
                 self._prepare_thread()
             started = time.monotonic()
@@ -161,10 +162,22 @@ class DeviceCompute:
             shadow.sink.counted("shared")
             return pair
         predictions = self.bundle.predict_batch(x)
-        if shadow.lock is self._lock:
-            shadowed = shadow.bundle.predict_batch(x)
-        else:
-            with shadow.lock:
-                shadowed = shadow.bundle.predict_batch(x)
+        shadowed = shadow.bundle.predict_batch(x)  # its model's lock is held: see _locks
         shadow.sink.counted("separate")
         return predictions, shadowed
+
+    @contextlib.contextmanager
+    def _locks(self, shadow: ShadowPlan | None) -> Iterator[None]:
+        """Hold this model's lock, and the shadow's when its own forward runs.
+
+        Both are taken in one global order (by identity), never one inside the other as they
+        come: model A shadowed by B's weights while B is shadowed by A's would otherwise have
+        each runner hold one lock and wait for the other's.
+        """
+        if shadow is None or shadow.shared or shadow.lock is self._lock:
+            with self._lock:
+                yield
+            return
+        first, second = sorted((self._lock, shadow.lock), key=id)
+        with first, second:
+            yield
