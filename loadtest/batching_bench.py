@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -82,11 +83,34 @@ class RunningServer:
         return self.process.wait(10)
 
 
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port free right now that this process has not handed out before.
+
+    Servers started side by side bind their ports only once they run, and the kernel may offer
+    a port just released by this check again: two calls must not return the same one (a bench
+    once had a server's HTTP port collide with another's gRPC port).
+    """
+    with _ports_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port: int = sock.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of process ``pid`` (None if it is gone), from ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def start_server(
@@ -156,8 +180,11 @@ def start_server(
             # A fresh connection each time: the kernel picks the worker of each connection.
             with httpx.Client(base_url=server.url, timeout=2.0) as client:
                 health = client.get("/healthz").json()
-            if health["ready"]:
-                ready.add(health.get("pid", 0))
+            pid = health.get("pid")  # servers before the field answered without it
+            if pid is not None and process.pid not in (pid, _parent(pid)):
+                pass  # another server holds the port: ours fails to bind and exits (above)
+            elif health["ready"]:
+                ready.add(pid or 0)
                 if len(ready) >= health.get("workers", 1):
                     return server
                 continue

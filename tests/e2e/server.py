@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.fixtures.processes import free_port, parent_pid
+
 __all__ = ["ServerProcess", "free_port", "start_server"]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -100,8 +93,11 @@ def start_server(
             # A fresh connection each time: the kernel picks the worker of each connection.
             with httpx.Client(base_url=server.url, timeout=2.0) as client:
                 health = client.get("/healthz").json()
-            if health["ready"]:
-                ready.add(health["pid"])
+            pid = health["pid"]
+            if process.pid not in (pid, parent_pid(pid)):
+                pass  # another server holds the port: ours fails to bind and exits (above)
+            elif health["ready"]:
+                ready.add(pid)
                 if len(ready) >= health["workers"]:
                     return server
                 continue
