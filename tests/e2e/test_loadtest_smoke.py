@@ -32,18 +32,23 @@ def _strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=no_constants)
 
 
-def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
-    out = tmp_path / "bench"
+def _run(script: str, out: Path, *args: str, timeout: float = 240) -> Any:
+    """Run ``loadtest/<script> --out OUT ARGS``; assert it succeeded; its strict-JSON report
+    (``OUT/<script's stem>.json``)."""
     proc = subprocess.run(
-        [sys.executable, "loadtest/bench.py", "--quick", "--out", str(out)],
+        [sys.executable, f"loadtest/{script}", "--out", str(out), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return _strict_json((out / f"{Path(script).stem}.json").read_text())
 
-    report = _strict_json((out / "bench.json").read_text())
+
+def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    report = _run("bench.py", out, "--quick")
     expected = {
         "batching, 8 images/request",
         "no-batching, 8 images/request",
@@ -142,15 +147,7 @@ def test_bench_swap_part_reports_both_phases(tmp_path: Path) -> None:
     """``--parts swap``: steady and swapping side by side (loadtest/swap_bench.py's run),
     with the swaps it made, the RSS, and its no-failed-request bound."""
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "loadtest/bench.py", "--quick", "--parts", "swap", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = _strict_json((out / "bench.json").read_text())
+    report = _run("bench.py", out, "--quick", "--parts", "swap")
     assert report["closed"] == {} and report["open"] == []
     swap = report["swap"]
     steady, swapping = swap["phases"]["steady"], swap["phases"]["swap"]
@@ -171,13 +168,9 @@ def test_bench_swap_part_reports_both_phases(tmp_path: Path) -> None:
 def test_shadow_bench_writes_its_table(tmp_path: Path) -> None:
     """``loadtest/shadow_bench.py``: the three variants per batch size, ratios consistent."""
     out = tmp_path / "shadow"
-    proc = subprocess.run(
-        [sys.executable, "loadtest/shadow_bench.py", "--out", str(out), "--rounds", "1",
-         "--min-s", "0.02", "--batches", "1,4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = _strict_json((out / "shadow_bench.json").read_text())
+    report = _run(
+        "shadow_bench.py", out, "--rounds", "1", "--min-s", "0.02", "--batches", "1,4", timeout=120
+    )
     assert [r["batch"] for r in report["rows"]] == [1, 4]
     for r in report["rows"]:
         assert r["primary_ips"] > 0 and r["shadow_shared_ips"] > 0 and r["shadow_separate_ips"] > 0
