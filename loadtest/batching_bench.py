@@ -47,6 +47,7 @@ __all__ = [
     "compare_batching",
     "main",
     "sample_payloads",
+    "setting",
     "start_server",
 ]
 
@@ -102,6 +103,19 @@ def _free_port() -> int:
             if port not in _handed_out:
                 _handed_out.add(port)
                 return port
+
+
+def setting(item: str) -> tuple[str, str]:
+    """An argparse ``type`` for ``--set NAME=VALUE`` (a server setting); the pair.
+
+    Raises:
+        argparse.ArgumentTypeError: not ``NAME=VALUE`` (argparse turns it into one line and
+            exit status 2).
+    """
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {item!r}")
+    return name, value
 
 
 def _parent(pid: int) -> int | None:
@@ -437,8 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--device", help="server device (default: the server's, cpu)")
     p.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE", help="extra setting, both runs"
-    )
+        "--set", action="append", default=[], type=setting, metavar="NAME=VALUE",
+        help="extra setting, both runs",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(message)s")
@@ -448,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not (DEMO_PROFILE / "bundle.json").is_file():
             p.error(f"the demo profile is not built ({DEMO_PROFILE}); pass --profile DIR")
-    extra: dict[str, object] = dict(item.split("=", 1) for item in args.set)
+    extra: dict[str, object] = dict(args.set)
     if args.device:
         extra["device"] = args.device
     results = compare_batching(

@@ -63,7 +63,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, _free_port, start_server
+from loadtest.batching_bench import (
+    BENCH_DEFAULTS,
+    RunningServer,
+    _free_port,
+    setting,
+    start_server,
+)
 from loadtest.drivers import RunResult, closed_loop, merge_runs, open_loop
 from loadtest.protocols import GrpcRequest, grpc_closed_loop, grpc_requests, v2_rest_payloads
 from loadtest.sweep import render_sweep, run_sweep, sweep_rows, sweep_targets
@@ -1022,7 +1028,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only /predict against the Open Inference Protocol's REST and gRPC (--parts closed)",
     )
     p.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE", help="setting for all servers"
+        "--set",
+        action="append",
+        default=[],
+        type=setting,
+        metavar="NAME=VALUE",
+        help="setting for all servers",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -1046,12 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.protocols_only:
         changes["parts"] = ("closed",)
     plan = BenchPlan(**{**asdict(plan), **changes})
-    extra: dict[str, object] = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set takes NAME=VALUE, not {item!r}")
-        extra[name] = value
+    extra: dict[str, object] = dict(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.workload == "photos":
         return _photos(args, extra)

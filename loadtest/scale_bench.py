@@ -56,7 +56,13 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
-from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, _free_port, start_server
+from loadtest.batching_bench import (
+    BENCH_DEFAULTS,
+    RunningServer,
+    _free_port,
+    setting,
+    start_server,
+)
 from loadtest.drivers import HttpConnection, RunResult, closed_loop, merge_runs, open_loop
 from loadtest.workload import Payload, build_payloads
 
@@ -413,14 +419,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile", type=Path)
     p.add_argument("--no-peers", action="store_true", help="skip LitServe")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--set", action="append", default=[], type=setting, metavar="NAME=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     plan = ScalePlan.quick() if args.quick else ScalePlan()
     if args.no_peers or shutil.which("python") is None:
         plan = ScalePlan(**{**asdict(plan), "peers": False})
-    extra = dict(item.split("=", 1) for item in args.set)
+    extra = dict(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="scale-", dir=args.out))
     report = run_scale(plan, profile=args.profile, extra=extra, log_dir=log_dir)

@@ -38,7 +38,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
+from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, setting, start_server
 from loadtest.bench import _clean
 from loadtest.drivers import interleaved_rounds, merge_runs
 from loadtest.protocols import v2_rest_payloads
@@ -203,22 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         help="send the images as v2 REST inference calls to MODEL (default: POST /predict)",
     )  # fmt: skip
     p.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE", help="a server setting"
-    )
+        "--set", action="append", default=[], type=setting, metavar="NAME=VALUE",
+        help="a server setting",
+    )  # fmt: skip
     p.add_argument(
-        "--older-set", action="append", default=[], metavar="NAME=VALUE",
+        "--older-set", action="append", default=[], type=setting, metavar="NAME=VALUE",
         help="a setting of the older (second) server only",
     )  # fmt: skip
     args = p.parse_args(argv)
-    overrides: dict[str, str] = {}
-    older_overrides: dict[str, str] = {}
-    for flag, items, into in (("--set", args.set, overrides),
-                              ("--older-set", args.older_set, older_overrides)):  # fmt: skip
-        for item in items:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                p.error(f"{flag} {item!r}: expected NAME=VALUE")
-            into[name] = value
+    overrides = dict(args.set)
+    older_overrides = dict(args.older_set)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     report = run_versus(
