@@ -125,7 +125,19 @@ def _count_rejection(request: Request, reason: str) -> None:
 
 def error_response(request: Request, exc: Exception) -> JSONResponse:
     """The JSON error response for ``exc`` (the app's only exception handler)."""
+    status, headers, body, reason = error_parts(exc, request.url.path)
+    if reason is not None:
+        _count_rejection(request, reason)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_parts(
+    exc: Exception, path: str
+) -> tuple[int, dict[str, str], dict[str, Any], str | None]:
+    """What :func:`error_response` answers for ``exc`` on ``path``: status, headers, JSON body
+    and the rejection reason it counts (``None``: not a rejection)."""
     headers: dict[str, str] = {}
+    reason = None
     if isinstance(exc, errors.NacguardError):
         status, code, message = exc.status, exc.code, exc.message
         retry = retry_after_header(exc.retry_after)
@@ -134,13 +146,11 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, errors.AuthenticationRequired):
             headers["WWW-Authenticate"] = WWW_AUTHENTICATE
         reason = rejection_reason(exc)
-        if reason is not None:
-            _count_rejection(request, reason)
         if status >= 500 and not isinstance(exc, errors.NotReady | errors.ShuttingDown):
             log.warning("%s: %s", code, message)
     elif isinstance(exc, RequestValidationError):
         status, code, message = 422, errors.InvalidRequest.code, _validation_message(exc)
-        _count_rejection(request, "bad_input")
+        reason = "bad_input"
     elif isinstance(exc, StarletteHTTPException):
         status, code = exc.status_code, _status_code_name(exc.status_code)
         message = str(exc.detail)
@@ -149,10 +159,10 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
         status, code, message = 500, "internal_error", "internal server error"
         log.error("unhandled %s", type(exc).__name__, exc_info=exc)
     body: dict[str, Any] = {"error": {"code": code, "message": message}}
-    if is_v2_path(request.url.path):
+    if is_v2_path(path):
         # The Open Inference Protocol's routes answer in its own shape (same causes, metrics).
         status, body = rest_status(status), {"error": message}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return status, headers, body, reason
 
 
 #: The exception types :func:`error_response` is registered for (in the app, and in the lean

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 
 from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect, Request
@@ -22,7 +23,14 @@ from nacguard.serving.admission import Priority
 from .errors import error_response
 from .logs import request_id_var
 
-__all__ = ["PRIORITY_HEADER", "REQUEST_ID_HEADER", "RequestContextMiddleware"]
+__all__ = [
+    "PRIORITY_HEADER",
+    "REQUEST_ID_HEADER",
+    "SHED_PATHS",
+    "RequestContextMiddleware",
+    "access_log",
+    "request_context",
+]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
@@ -36,7 +44,7 @@ _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 CLIENT_CLOSED = 499
 # The routes that queue images, shed before routing when the service is full: /predict and the
 # Open Inference Protocol's infer (with or without a version).
-_SHED_PATHS = re.compile(r"^(/predict|/v2/models/[^/]+(/versions/[^/]+)?/infer)$")
+SHED_PATHS = re.compile(r"^(/predict|/v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 
 
 # Generated ids: a random prefix per process and a counter. uuid4() per request read the
@@ -47,12 +55,13 @@ PRIORITY_HEADER = "X-Priority"
 _PRIORITIES = {b"low": Priority.LOW, b"normal": Priority.NORMAL, b"high": Priority.HIGH}
 
 
-def _request_context(scope: Scope) -> tuple[str, Priority | None]:
+def request_context(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, Priority | None]:
     """The request id (the client's when sane, else a new one) and the ``X-Priority``
-    (``None`` when the header holds something else), from one pass over the headers."""
+    (``None`` when the header holds something else), from one pass over the (lower-cased)
+    headers."""
     request_id = None
     priority: Priority | None = Priority.NORMAL
-    for name, value in scope.get("headers", ()):
+    for name, value in headers:
         if name == b"x-request-id" and request_id is None:
             text = value.decode("latin-1")
             if _VALID_ID.match(text):
@@ -95,7 +104,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id, priority = _request_context(scope)
+        request_id, priority = request_context(scope.get("headers", ()))
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["priority"] = priority
@@ -113,7 +122,7 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            if scope["method"] == "POST" and _SHED_PATHS.match(scope["path"]):
+            if scope["method"] == "POST" and SHED_PATHS.match(scope["path"]):
                 _shed_if_full(scope, priority)
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
@@ -137,20 +146,24 @@ class RequestContextMiddleware:
         metrics = getattr(service, "metrics", None)
         if metrics is not None:
             metrics.observe_request(endpoint, method, status, seconds)
-        path = scope.get("path", "")
-        level = logging.DEBUG if path in _QUIET_PATHS and status < 400 else logging.INFO
-        if not log.isEnabledFor(level):
-            return  # the record and its extras are not even built
-        log.log(
-            level,
-            "%s %s %d",
-            method,
-            path,
-            status,
-            extra={
-                "method": method,
-                "path": path,
-                "status": status,
-                "duration_ms": round(seconds * 1000, 3),
-            },
-        )
+        access_log(method, scope.get("path", ""), status, seconds)
+
+
+def access_log(method: str, path: str, status: int, seconds: float) -> None:
+    """The access-log line of one answered request (probes and scrapes at debug level)."""
+    level = logging.DEBUG if path in _QUIET_PATHS and status < 400 else logging.INFO
+    if not log.isEnabledFor(level):
+        return  # the record and its extras are not even built
+    log.log(
+        level,
+        "%s %s %d",
+        method,
+        path,
+        status,
+        extra={
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+        },
+    )
