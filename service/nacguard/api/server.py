@@ -37,6 +37,7 @@ from nacguard.settings import Settings
 
 from .app import create_app
 from .logs import configure_logging
+from .shedding import Shedder, shedding_protocol
 
 __all__ = ["DrainingServer", "build_server", "serve"]
 
@@ -147,8 +148,11 @@ class DrainingServer(uvicorn.Server):
 def build_server(settings: Settings) -> DrainingServer:
     """The app and its draining uvicorn server for ``settings`` (not started)."""
     app = create_app(settings)
+    service = app.state.service
     config = uvicorn.Config(
         app,
+        # Refuses /predict and v2 infer when full as soon as their headers are parsed.
+        http=shedding_protocol(Shedder(service)),
         host=settings.host,
         port=settings.port,
         log_config=None,
@@ -157,7 +161,6 @@ def build_server(settings: Settings) -> DrainingServer:
         server_header=False,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
-    service = app.state.service
     # With several workers, each one serves grpc_port as well: gRPC binds with SO_REUSEPORT
     # on Linux, so the kernel spreads gRPC connections over the workers as it does HTTP ones.
     rpc = RpcServer(service, settings) if settings.grpc_port else None
