@@ -155,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         out=args.out,
     )
-    (args.out / "refusal.json").write_text(
+    (args.out / "refusal_bench.json").write_text(
         json.dumps(_clean(report), indent=1, allow_nan=False) + "\n"
     )
     text = render(report)
-    (args.out / "refusal.md").write_text(text)
+    (args.out / "refusal_bench.md").write_text(text)
     print(text)
     return 0
 

@@ -165,6 +165,18 @@ def test_bench_swap_part_reports_both_phases(tmp_path: Path) -> None:
     assert "| steady |" in markdown and "| swap |" in markdown
 
 
+def test_refusal_bench_compares_two_trees_of_refusals(tmp_path: Path) -> None:
+    """``loadtest/refusal_bench.py``: every measured request refused, on both trees."""
+    report = _run("refusal_bench.py", tmp_path / "refusal", "--against", "HEAD", "--rounds", "1",
+                  "--duration", "0.5", "--concurrency", "4")  # fmt: skip
+    for r in report["results"].values():
+        assert set(r["status_codes"]) == {"429"} and r["refusals_per_s"] > 0
+        assert r["server_cpu_ms_per_refusal"] > 0
+    this, older = report["results"]["this"], report["results"]["older"]
+    ratio = this["server_cpu_ms_per_refusal"] / older["server_cpu_ms_per_refusal"]
+    assert report["ratios"]["server_cpu_ms_per_refusal"] == pytest.approx(ratio)
+
+
 def test_shadow_bench_writes_its_table(tmp_path: Path) -> None:
     """``loadtest/shadow_bench.py``: the three variants per batch size, ratios consistent."""
     out = tmp_path / "shadow"
