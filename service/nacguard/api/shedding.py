@@ -3,10 +3,9 @@ is too full to take is refused as soon as its headers are parsed, before any ASG
 
 The request middleware sheds these routes too (before routing), but by then uvicorn has built
 the request's scope, started an ASGI task and passed it through the framework's outer layers,
-and the refusal goes back out through them: about 0.19 ms of server CPU per refusal on the
-2-core benchmark machine, which under a flood of twice the capacity is a fifth of a core spent
-saying no. Here a refusal is the capacity check and one socket write of a response rendered
-once: the body and headers are those of the app's one exception handler
+and the refusal goes back out through them: 0.076-0.085 ms of server CPU per refusal on the
+2-core benchmark machine, against 0.024-0.026 ms here (``loadtest/refusal_bench.py``). Here a
+refusal is the capacity check and one socket write of a response rendered once: the body and headers are those of the app's one exception handler
 (:func:`~nacguard.api.errors.error_response`), for ``/predict`` and in the v2 shape alike. The
 refused request's body is read and dropped as it arrives, and the connection stays open for the
 client's next request.
