@@ -15,7 +15,6 @@ off, warning-level logs, one torch thread) plus ``max_queue_images=1``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -30,9 +29,8 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest.batching_bench import BENCH_DEFAULTS, RunningServer, start_server
-from loadtest.bench import _clean
 from loadtest.drivers import interleaved_rounds, merge_runs
-from loadtest.versus import ROOT, _checkout, _commit
+from loadtest.versus import ROOT, _checkout, _commit, write_report
 from loadtest.workload import build_payloads
 
 log = logging.getLogger("refusal_bench")
@@ -155,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         out=args.out,
     )
-    (args.out / "refusal_bench.json").write_text(
-        json.dumps(_clean(report), indent=1, allow_nan=False) + "\n"
-    )
-    text = render(report)
-    (args.out / "refusal_bench.md").write_text(text)
-    print(text)
+    write_report(args.out, "refusal_bench", report, render(report))
     return 0
 
 

@@ -153,6 +153,13 @@ def run_versus(
     }
 
 
+def write_report(out: Path, stem: str, report: Mapping[str, Any], markdown: str) -> None:
+    """``OUT/STEM.json`` (strict JSON: NaN as null) and ``OUT/STEM.md``; the markdown printed."""
+    (out / f"{stem}.json").write_text(json.dumps(_clean(report), indent=1, allow_nan=False) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 def render(report: Mapping[str, Any]) -> str:
     """The markdown table of a report."""
     c, s, o = report["commits"], report["settings"], report["older_settings"]
@@ -227,12 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir=args.out,
         v2_model=args.v2_model,
     )
-    (args.out / "versus.json").write_text(
-        json.dumps(_clean(report), indent=1, allow_nan=False) + "\n"
-    )
-    text = render(report)
-    (args.out / "versus.md").write_text(text)
-    print(text)
+    write_report(args.out, "versus", report, render(report))
     return 0
 
 
