@@ -5,7 +5,8 @@ The request middleware sheds these routes too (before routing), but by then uvic
 the request's scope, started an ASGI task and passed it through the framework's outer layers,
 and the refusal goes back out through them: 0.076-0.085 ms of server CPU per refusal on the
 2-core benchmark machine, against 0.024-0.026 ms here (``loadtest/refusal_bench.py``). Here a
-refusal is the capacity check and one socket write of a response rendered once: the body and headers are those of the app's one exception handler
+refusal is the capacity check and one socket write of a response rendered once: the body and
+headers are those of the app's one exception handler
 (:func:`~nacguard.api.errors.error_response`), for ``/predict`` and in the v2 shape alike. The
 refused request's body is read and dropped as it arrives, and the connection stays open for the
 client's next request.
@@ -58,8 +59,8 @@ class Shedder:
     def refusal(
         self, method: bytes, path: str, headers: Headers, default_headers: Headers
     ) -> tuple[bytes, int, str] | None:
-        """The response to write, its status and request id, when this request must be refused now;
-        ``None`` when it goes on to the app: not a shed route, room for it, not ready, or a bad
+        """The response to write, its status and request id, when this request must be refused
+        now; ``None`` when it goes on to the app: not a shed route, room for it, not ready, or a bad
         ``X-Priority`` (which the route answers with 422).
 
         Args:
