@@ -33,8 +33,6 @@ from loadtest.drivers import interleaved_rounds, merge_runs
 from loadtest.versus import ROOT, _checkout, _commit, write_report
 from loadtest.workload import build_payloads
 
-log = logging.getLogger("refusal_bench")
-
 
 def _hold(url: str) -> socket.socket:
     """An upload admitted by the server at ``url`` and left unfinished (it fills the bound)."""

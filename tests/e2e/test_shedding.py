@@ -13,7 +13,6 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -42,8 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 def _connect(server: ServerProcess) -> socket.socket:
     host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
-    return sock
+    return socket.create_connection((host, int(port)), timeout=WAIT_S)
 
 
 def _post(path: str, body: bytes, *, sent: int | None = None, **headers: str) -> bytes:
@@ -180,9 +178,7 @@ def test_a_full_server_refuses_at_the_protocol_and_keeps_the_connection(
     assert [r["path"] for r in logged] == ["/predict"]
 
 
-def test_a_client_leaving_during_a_refused_upload_costs_nothing(
-    server: ServerProcess, tmp_path: Path
-) -> None:
+def test_a_client_leaving_during_a_refused_upload_costs_nothing(server: ServerProcess) -> None:
     images = encoded_images(2, seed=232)
     png = {"Content_Type": "image/png"}
     held = _connect(server)

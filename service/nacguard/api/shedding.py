@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from nacguard.errors import Overloaded
 from nacguard.openinference.errors import is_v2_path
 from nacguard.serving import Service
+from nacguard.serving.admission import Priority
 
 from .errors import error_parts
 from .logs import request_id_var
@@ -57,23 +58,29 @@ class Shedder:
         self._rendered: dict[bool, tuple[int, bytes, bytes]] = {}
 
     def refusal(
-        self, method: bytes, path: str, headers: Headers, default_headers: Headers
+        self, path: str, headers: Headers, default_headers: Headers
     ) -> tuple[bytes, int, str] | None:
-        """The response to write, its status and request id, when this request must be refused
+        """The response to write, its status and request id, when this ``POST`` must be refused
         now; ``None`` when it goes on to the app: not a shed route, room for it, not ready, or a bad
         ``X-Priority`` (which the route answers with 422).
 
         Args:
-            method: the request's method.
-            path: its path, as in the ASGI scope.
+            path: the request's path, as in the ASGI scope.
             headers: its headers, names lower-cased.
             default_headers: the server's own headers for every response (``date``).
         """
-        if method != b"POST" or not SHED_PATHS.match(path):
-            return None
         service = self.service
+        if not SHED_PATHS.match(path) or not service.ready:
+            return None
+        try:
+            # Room even for low priority (the lowest bound): every request gets in, and its
+            # headers need no reading here (the request middleware reads them).
+            service.check_capacity(Priority.LOW)
+            return None
+        except Overloaded:
+            pass
         request_id, priority = request_context(headers)
-        if not service.ready or priority is None:
+        if priority is None:
             return None
         try:
             service.check_capacity(priority)
@@ -133,14 +140,10 @@ def shedding_protocol(shedder: Shedder) -> type[HttpToolsProtocol]:
             started = time.perf_counter()
             previous = self.cycle
             idle = previous is None or previous.response_complete  # nothing pipelined ahead
-            if idle and not self.parser.should_upgrade():
+            post = self.parser.get_method() == b"POST"
+            if idle and post and not self.parser.should_upgrade():
                 path = _path(self.url, self.root_path)
-                answer = shedder.refusal(
-                    self.parser.get_method(),
-                    path,
-                    self.headers,
-                    self.server_state.default_headers,
-                )
+                answer = shedder.refusal(path, self.headers, self.server_state.default_headers)
                 if answer is not None:
                     data, status, request_id = answer
                     self._refused = (path, status, request_id, started)
