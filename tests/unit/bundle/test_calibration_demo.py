@@ -158,8 +158,10 @@ def test_sanity_quiet_on_the_demo_profile(demo: Bundle) -> None:
     report = sanity_check(nac(fit.subset(counted_idx).images), nac(held.images))
     assert report.ok, report.warnings
     assert report.memorisation_auroc <= MEMORISATION_AUROC
+    # Recorded when the bundle was built, on another CPU: float kernels that differ in the last
+    # bits flip a few near-tied scores (1.6e-6 of AUROC on an AMD EPYC).
     assert demo.meta["sanity"]["memorisation_auroc"] == pytest.approx(
-        report.memorisation_auroc, abs=1e-6
+        report.memorisation_auroc, abs=1e-4
     )
 
 
