@@ -150,4 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # A thread may still be inside torch here: a model load that a SIGTERM during start-up
+    # cancelled runs on in its executor thread. The interpreter's finalisation would then run
+    # torch's C++ destructors under it ("terminate called without an active exception", exit
+    # 134 instead of a clean drain's 0). Everything the worker owns was closed by the drain.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
