@@ -137,5 +137,7 @@ async def test_gpu_decoder_takes_large_jpegs_only(service: Service) -> None:
             )
         finally:
             admission.close()
+        if outcome.after_response is not None:  # it holds the version's lease until it ran
+            await outcome.after_response()
         assert len(outcome.predictions) == 1
         assert gpu.decoded == expected and gpu.passed == 0
