@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything nacguard's tests and demo need on a fresh Debian machine (idempotent).
 #   apt: redis-server, prometheus (+promtool), dataset-fashion-mnist (the demo's data),
-#        chromium + chromium-driver (the operator page's browser tests; no browser download)
+#        chromium + chromium-driver (the operator page's browser tests; no browser download),
+#        wrk (loadtest/gil_probe.py's load generator)
 #   pip: torch/torchvision (pinned: an unpinned torch can pull a different multi-GB build),
 #        then nacguard itself with its dev extras and every model kind (the tests cover them).
 # Set NACGUARD_SKIP_APT=1 to skip the apt part (e.g. without root).
@@ -15,6 +16,7 @@ if [ "${NACGUARD_SKIP_APT:-0}" != "1" ]; then
   [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
   command -v chromium >/dev/null || need+=(chromium)
   command -v chromedriver >/dev/null || need+=(chromium-driver)
+  command -v wrk >/dev/null || need+=(wrk)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq

@@ -177,6 +177,27 @@ def test_refusal_bench_compares_two_trees_of_refusals(tmp_path: Path) -> None:
     assert report["ratios"]["server_cpu_ms_per_refusal"] == pytest.approx(ratio)
 
 
+def test_gil_probe_reports_both_parts(tmp_path: Path) -> None:
+    """``loadtest/gil_probe.py``: in-process rates beside a Python thread, and per-thread CPU of
+    both servers under wrk, every row filled in."""
+    out = tmp_path / "gil"
+    report = _run("gil_probe.py", out, "--rounds", "1", "--rate-s", "0.2", "--duration", "1",
+                  "--concurrency", "4")  # fmt: skip
+    assert [r["batch"] for r in report["in_process"]] == [1, 4, 16]
+    for r in report["in_process"]:
+        assert r["alone_ms"] > 0 and r["plain_alone_ms"] > 0 and r["beside_python_ms"] > 0
+        assert r["slowdown"] == pytest.approx(r["beside_python_ms"] / r["alone_ms"])
+    assert [(r["config"], r["clients"]) for r in report["server"]] == [
+        ("batching", 4),
+        ("no-batching", 4),
+        ("plain", 4),
+    ]
+    for r in report["server"]:
+        assert r["rps"] > 0 and r["mean_batch"] >= 1 and r["compute_ms_per_batch"] > 0
+        assert r["process_cores"] >= r["loop_cores"] > 0
+    assert "| server | clients | req/s |" in (out / "gil_probe.md").read_text()
+
+
 def test_shadow_bench_writes_its_table(tmp_path: Path) -> None:
     """``loadtest/shadow_bench.py``: the three variants per batch size, ratios consistent."""
     out = tmp_path / "shadow"
