@@ -47,6 +47,7 @@ __all__ = [
     "closed_loop",
     "interleaved_rounds",
     "merge_runs",
+    "metric_totals",
     "open_loop",
     "process_cpu_seconds",
     "process_tree",
@@ -220,13 +221,20 @@ async def scrape_batch_histogram(url: str) -> tuple[float, float]:
         conn.close()
     if reply.status != 200:
         return math.nan, math.nan
-    total = count = 0.0
-    for line in reply.body.decode("utf-8", "replace").splitlines():
-        if line.startswith("nacguard_batch_size_images_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("nacguard_batch_size_images_count"):
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+    names = ("nacguard_batch_size_images_sum", "nacguard_batch_size_images_count")
+    totals = metric_totals(reply.body.decode("utf-8", "replace"), names)
+    return totals[names[0]], totals[names[1]]
+
+
+def metric_totals(text: str, names: Sequence[str]) -> dict[str, float]:
+    """Each of ``names`` summed over all its label sets in a Prometheus text exposition
+    (0 for a name that is not there)."""
+    totals = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def _children(pid: int) -> list[int]:

@@ -2,19 +2,21 @@
 
 Two measurements, one run:
 
-1. **In-process.** The demo bundle's ``predict_batch`` (one torch thread) at batch 1 and 16,
-   with NAC and plain, alone; and with NAC beside a second thread running pure Python. torch releases the GIL
-   inside each operator and takes it back afterwards; with another thread holding it, every one
-   of the ~90 operators a NAC batch dispatches from Python waits for its turn.
+1. **In-process.** The demo bundle's ``predict_batch`` (one torch thread) at batch 1, 16 and
+   each ``--concurrency``: with NAC and plain, alone; and with NAC beside a second thread running
+   pure Python. torch releases the GIL inside each operator and takes it back afterwards; with
+   another thread holding it, every one of the ~90 operators a NAC batch dispatches from Python
+   waits for its turn.
 2. **In the server.** ``nacguard serve`` with the benchmark defaults (``BENCH_DEFAULTS``: one
-   worker, one torch thread, cache off, log level warning), batching and ``max_batch_size=1``,
-   driven by ``wrk`` with one raw PNG (Fashion-MNIST test image) per request. Reported: requests/s,
-   the mean batch, the compute time per batch the server itself measured
-   (``nacguard_inference_duration_seconds``) against the same batch size computed alone
-   in-process, and the CPU of the event loop (the main thread), of the other threads, and of the
-   whole process, in cores, from ``/proc`` over the measured window.
+   worker, one torch thread, cache off, log level warning): batching, ``max_batch_size=1`` and
+   batching without NAC (``scoring=false``), driven by ``wrk`` with one raw PNG (Fashion-MNIST
+   test image) per request. Reported: requests/s, the mean batch, the compute time per batch the
+   server itself measured (``nacguard_inference_duration_seconds``) against the same batch size
+   computed alone in-process, and the CPU of the event loop (the main thread), of the busiest
+   other thread (the runner) and of the whole process, in cores, from ``/proc`` over the
+   measured window.
 
-    python loadtest/gil_probe.py --out gil-out            # ~1.5 minutes on 2 cores
+    python loadtest/gil_probe.py --out gil-out            # ~1.7 minutes on 2 cores
     python loadtest/gil_probe.py --concurrency 1,32 --duration 8 --out gil-out
 
 Needs ``wrk`` (Debian package ``wrk``). Run it on a quiet machine: the figures are only as good
@@ -43,6 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
 import httpx
 import psutil
 from loadtest.batching_bench import BENCH_DEFAULTS, sample_payloads, start_server
+from loadtest.drivers import metric_totals, process_cpu_seconds
 
 CONFIGS: dict[str, dict[str, str]] = {
     "batching": {},
@@ -107,23 +110,24 @@ def in_process(batch_sizes: Sequence[int], seconds: float, rounds: int) -> list[
     return rows
 
 
-def _metric(text: str, name: str) -> float:
-    pattern = "^" + name + r"(?:\{[^}]*\})? ([0-9.e+-]+)$"
-    return sum(float(v) for v in re.findall(pattern, text, re.M))
+_BATCH_METRICS = (
+    "nacguard_inference_duration_seconds_sum",
+    "nacguard_inference_duration_seconds_count",
+    "nacguard_batch_size_images_sum",
+)
 
 
-def _batches(url: str) -> tuple[float, float, float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return (
-        _metric(text, "nacguard_inference_duration_seconds_sum"),
-        _metric(text, "nacguard_inference_duration_seconds_count"),
-        _metric(text, "nacguard_batch_size_images_sum"),
-    )
+def _batches(url: str) -> tuple[float, ...]:
+    """Compute seconds, batches and images so far, from the server's ``/metrics``."""
+    totals = metric_totals(httpx.get(url + "/metrics", timeout=10).text, _BATCH_METRICS)
+    return tuple(totals[name] for name in _BATCH_METRICS)
 
 
-def _thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of every thread of ``pid`` (user + system)."""
-    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+def _sample(url: str, pid: int) -> tuple[tuple[float, ...], dict[int, float], float]:
+    """The server's batch totals (:func:`_batches`), the CPU seconds of each live thread of
+    ``pid`` (user + system) and of the whole process so far."""
+    threads = {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+    return _batches(url), threads, process_cpu_seconds(pid)
 
 
 def _wrk(url: str, concurrency: int, seconds: float, script: Path) -> float:
@@ -158,10 +162,11 @@ def in_server(
             pid = server.process.pid
             for c in concurrency:
                 _wrk(server.url, c, 1, script)  # warm-up, unrecorded
-                before, cpu0, t0 = _batches(server.url), _thread_cpu(pid), time.monotonic()
+                before, cpu0, total0 = _sample(server.url, pid)
+                t0 = time.monotonic()
                 rps = _wrk(server.url, c, seconds, script)
                 wall = time.monotonic() - t0
-                after, cpu1 = _batches(server.url), _thread_cpu(pid)
+                after, cpu1, total1 = _sample(server.url, pid)
                 used = {tid: cpu1[tid] - cpu0.get(tid, 0.0) for tid in cpu1}
                 loop = used.get(pid, 0.0) / wall  # the main thread runs the event loop
                 others = sorted((v / wall for t, v in used.items() if t != pid), reverse=True)
@@ -181,7 +186,7 @@ def in_server(
                         "compute_busy_share": (after[0] - before[0]) / wall,
                         "loop_cores": loop,
                         "busiest_other_thread_cores": others[0] if others else 0.0,
-                        "process_cores": sum(used.values()) / wall,
+                        "process_cores": (total1 - total0) / wall,
                     }
                 )
         finally:
